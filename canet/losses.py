@@ -1,0 +1,118 @@
+"""CANet's training objective, as the paper's code defines it.
+
+``L = CE(next item at every non-padding position) + w_guide * L_guide + w_uni * L_uni``
+
+* ``L_guide``: per user, whether the SMALLEST sub-network already ranks the last target in its
+  top ``k`` (history excluded) decides a soft label for each routing dimension: a hit pushes the
+  emb, hidden and depth marginals toward small choices, a miss toward large ones. Labels are the
+  paper's ``gen_softlabel``: ``p_j ∝ (2^j / 2^n + 1e-8) ** sharpness`` toward large (reversed
+  toward small), sharpness 2 for emb and hidden, 1 for depth.
+* ``L_uni``: cross-entropy of the router distribution against the uniform one (keeps every
+  config in use while the supernet trains).
+
+Difference from the paper's code, on purpose: there both auxiliary cross-entropies apply
+``log_softmax`` to the summed router LOGITS; here they use the router's probabilities and their
+true marginals (``-sum label * log marginal``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .space import RoutingSpace
+
+__all__ = [
+    "soft_labels",
+    "decoupled_marginals",
+    "guide_loss",
+    "uniform_loss",
+    "next_item_loss",
+    "smallest_hits",
+    "LossWeights",
+]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the auxiliary losses and the guide's top-k (the paper's defaults)."""
+
+    guide: float = 0.01
+    uniform: float = 0.01
+    guide_k: int = 10
+    sharpness_emb: float = 2.0
+    sharpness_hidden: float = 2.0
+    sharpness_depth: float = 1.0
+
+
+def soft_labels(n: int, sharpness: float) -> tuple[Tensor, Tensor]:
+    """(toward_small ``[n]``, toward_large ``[n]``) soft labels over n ordered choices (float64)."""
+    weights = torch.tensor([2.0**j / 2.0**n for j in range(n)], dtype=torch.float64) + 1e-8
+    toward_large = torch.softmax(sharpness * weights.log(), dim=0)
+    return toward_large.flip(0), toward_large
+
+
+def _membership(space: RoutingSpace, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """0/1 matrices ``[C, n_dim]``: config c uses choice j of emb / hidden / depth."""
+    def member(values: tuple[int, ...], pick) -> Tensor:
+        ids = torch.tensor([values.index(pick(c)) for c in space.configs], device=device)
+        return F.one_hot(ids, len(values))
+
+    return (
+        member(space.emb, lambda c: c.emb),
+        member(space.hidden, lambda c: c.hidden),
+        member(space.depths, lambda c: c.depth),
+    )
+
+
+def decoupled_marginals(probs: Tensor, space: RoutingSpace) -> tuple[Tensor, Tensor, Tensor]:
+    """Router distribution ``[B, C]`` -> marginals over emb ``[B, nE]``, hidden ``[B, nH]``,
+    depth ``[B, nD]``."""
+    return tuple(probs @ m.to(probs.dtype) for m in _membership(space, probs.device))
+
+
+def guide_loss(
+    router_logits: Tensor,
+    smallest_hit: Tensor,
+    space: RoutingSpace,
+    weights: LossWeights = LossWeights(),
+) -> Tensor:
+    """L_guide: router logits ``[B, C]``, smallest_hit ``[B]`` bool -> scalar (mean over B)."""
+    probs = torch.softmax(router_logits, dim=-1)
+    total = router_logits.new_zeros(())
+    sharpness = (weights.sharpness_emb, weights.sharpness_hidden, weights.sharpness_depth)
+    for marginal, sharp in zip(decoupled_marginals(probs, space), sharpness, strict=True):
+        small, large = (t.to(probs) for t in soft_labels(marginal.shape[-1], sharp))
+        labels = torch.where(smallest_hit[:, None], small, large)
+        total = total - (labels * marginal.clamp_min(1e-30).log()).sum(-1).mean()
+    return total
+
+
+def uniform_loss(router_logits: Tensor) -> Tensor:
+    """L_uni: ``-mean_c log p_c`` averaged over users. router_logits ``[B, C]`` -> scalar."""
+    return -torch.log_softmax(router_logits, dim=-1).mean(-1).mean()
+
+
+def next_item_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy at every position with a target. logits ``[B, L, N+1]``, targets ``[B, L]``
+    (0 = no target) -> scalar mean over targeted positions."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0)
+
+
+def smallest_hits(
+    model, seqs: Tensor, last_targets: Tensor, k: int = 10, exclude_history: bool = True
+) -> Tensor:
+    """Whether the smallest sub-network ranks ``last_targets [B]`` in its top k, history excluded
+    (as the paper's code). seqs ``[B, L]`` -> bool ``[B]``. No gradients."""
+    with torch.no_grad():
+        smallest = model.space.configs[model.space.smallest_id]
+        scores = model.supernet.logits(model.supernet.hidden_sliced(seqs, smallest)[:, -1])
+        if exclude_history:
+            scores = scores.scatter(1, seqs, float("-inf"))
+        # Rank by count so an excluded (-inf) target is never a hit, even with k >= N.
+        target = scores.gather(1, last_targets[:, None])
+        ahead = (scores > target).sum(-1)
+        return torch.isfinite(target[:, 0]) & (ahead < k)
