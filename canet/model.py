@@ -120,18 +120,27 @@ def block_sliced(
     allowed: Tensor,
     dropout: float = 0.0,
     training: bool = False,
+    last_only: bool = False,
 ) -> Tensor:
-    """One block of the sub-network of width ``hidden``. x ``[B, L, hidden]`` -> ``[B, L, hidden]``."""
+    """One block of the sub-network of width ``hidden``. x ``[B, L, hidden]`` -> ``[B, L, hidden]``.
+
+    With ``last_only`` (a user's final block at inference) only the last query row is computed:
+    keys and values still cover every position; returns ``[B, 1, hidden]``.
+    """
     width = block.width
     h = hidden
     w_qkv, b_qkv = block.attn.qkv.weight, block.attn.qkv.bias
-    q, k, v = (
-        F.linear(x, w_qkv[r : r + h, :h], b_qkv[r : r + h]) for r in (0, width, 2 * width)
-    )
+    if last_only:
+        x_query, allowed = x[:, -1:], allowed[:, :, -1:]
+    else:
+        x_query = x
+    q = F.linear(x_query, w_qkv[:h, :h], b_qkv[:h])
+    k, v = (F.linear(x, w_qkv[r : r + h, :h], b_qkv[r : r + h]) for r in (width, 2 * width))
     o = attend(
         split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), allowed,
         1.0 / math.sqrt(h // heads),
     )
+    x = x_query
     a = F.linear(merge_heads(o), block.attn.out.weight[:h, :h], block.attn.out.bias[:h])
     a = F.dropout(a, dropout, training)
     x = F.layer_norm(
@@ -240,6 +249,20 @@ class Supernet(nn.Module):
         for block in self.blocks[: config.depth]:
             x = block_sliced(block, x, h, self.space.heads, allowed, self.dropout, self.training)
         return x
+
+    def hidden_last(self, seqs: Tensor, config: Config) -> Tensor:
+        """Last-position hidden state of one sub-network, computing only what it needs: the final
+        block runs its queries, FFN and norms on the last row alone. ``[B, L]`` -> ``[B, h]``."""
+        h, e = config.hidden, config.emb
+        x = F.linear(self._embed(seqs, e), self.in_proj.weight[:h, :e], self.in_proj.bias[:h])
+        allowed = allowed_keys(seqs)
+        depth = config.depth
+        for i, block in enumerate(self.blocks[:depth]):
+            x = block_sliced(
+                block, x, h, self.space.heads, allowed, self.dropout, self.training,
+                last_only=i == depth - 1,
+            )
+        return x[:, -1]
 
     def hidden_masked(self, seqs: Tensor, choice: Tensor) -> Tensor:
         """Hidden states of the masked path. seqs ``[B, L]``, choice ``[B, C]`` (straight-through

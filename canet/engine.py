@@ -1,0 +1,193 @@
+"""canet.Engine: routed inference, users grouped by architecture, on a chosen backend.
+
+``Engine(model).score(seqs)`` equals ``model.score(seqs)`` but runs every user through only
+the sub-network it is routed to, so the FLOPs the router saves are really saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import backends, ops
+from .checks import check_config_ids, check_sequences
+from .flops import flops, flops_router
+from .model import CANet
+from .space import Config
+
+__all__ = ["Engine", "PlanSummary", "GroupSpan"]
+
+# Recommend scores at most this many (user, item) pairs at once, whatever the batch size.
+DEFAULT_MAX_SCORE_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class GroupSpan:
+    """One non-empty group: the users of ``config`` are sorted rows ``start:end``."""
+
+    config_id: int
+    config: Config
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """What the engine did with the last batch: routing, groups, compute."""
+
+    histogram: list[int]  # users per config id
+    groups: list[GroupSpan]  # non-empty groups in execution order
+    layer_active: list[int]  # users still running at each layer (a prefix of sorted rows)
+    flops: int  # supernet FLOPs of the routed batch
+    flops_router: int  # router FLOPs of the batch (0 when config ids were given)
+    flops_largest: int  # supernet FLOPs had every user run the largest config
+    order: Tensor = field(repr=False)  # [B] original user index of each sorted row
+
+    @property
+    def num_users(self) -> int:
+        return sum(self.histogram)
+
+    @property
+    def flops_fraction(self) -> float:
+        """Routed supernet FLOPs over all-largest FLOPs (1 - the reduction)."""
+        return self.flops / self.flops_largest if self.flops_largest else 0.0
+
+
+class Engine:
+    """Routed inference over one CANet's weights.
+
+    Args:
+        model: a CANet; the engine reads its state_dict (the canonical schema) and keeps
+            references to those tensors, no second copy (unless ``dtype`` asks for another
+            precision). Later in-place updates of the model's weights are seen by the engine.
+        backend: "auto" | "torch" | "cpu" | "triton" | "cuda". "auto" picks cuda, then triton
+            on a GPU, cpu on a CPU, and falls back to torch with a one-time warning.
+        dtype: compute dtype (default: the model's).
+        max_score_elements: bound on the (user, item) scores ``recommend`` holds at once.
+    """
+
+    def __init__(
+        self,
+        model: CANet,
+        backend: str = "auto",
+        dtype: torch.dtype | None = None,
+        max_score_elements: int = DEFAULT_MAX_SCORE_ELEMENTS,
+    ) -> None:
+        if not isinstance(model, CANet):
+            raise ValueError(f"Engine needs a canet.CANet, got {type(model).__name__}")
+        state = model.state_dict()
+        reference = state["supernet.out.weight"]
+        self.device = reference.device
+        self.dtype = reference.dtype if dtype is None else dtype
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"Engine dtype must be a floating-point dtype, got {self.dtype}")
+        if self.dtype != reference.dtype:
+            state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
+        self.arch = dict(model.arch)
+        self.space = model.space
+        self.num_items = model.num_items
+        self.max_len = model.max_len
+        self.backend = backends.resolve(backend, self.device)
+        self._impl = backends.create(self.backend, self.arch, state, self.device)
+        self._table = self.space.table(self.device)
+        self._flops = [flops(c, self.max_len, self.num_items) for c in self.space.configs]
+        self.max_score_elements = max_score_elements
+        self.last_plan: PlanSummary | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Engine(backend={self.backend!r}, dtype={self.dtype}, device={self.device}, "
+            f"num_items={self.num_items}, max_len={self.max_len}, configs={len(self.space)})"
+        )
+
+    # -- public API --------------------------------------------------------------------------
+    def route(self, seqs: Tensor) -> Tensor:
+        """Config id per user (argmax of the router). seqs ``[B, L]`` -> ``[B]`` int64."""
+        seqs = self._check(seqs)
+        with torch.inference_mode():
+            return self._impl.route(seqs)
+
+    def score(self, seqs: Tensor, config_ids: Tensor | None = None) -> Tensor:
+        """Scores ``[B, N+1]`` equal to ``model.score(seqs, config_ids)``; column 0 is -inf.
+
+        seqs ``[B, L]`` left-padded item ids; config_ids ``[B]`` or None (the router decides).
+        """
+        seqs = self._check(seqs)
+        with torch.inference_mode():
+            config_ids, routed = self._config_ids(seqs, config_ids)
+            plan = ops.plan(config_ids, self._table, check_ids=False)
+            self.last_plan = self._summarize(plan, routed)
+            return self._impl.scores(seqs, plan)
+
+    def recommend(
+        self, seqs: Tensor, k: int = 10, exclude_history: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Top-k items per user: (item ids ``[B, k]`` int64, scores ``[B, k]``), internal ids,
+        best first. Padding is never recommended; with ``exclude_history`` neither are the
+        items in the user's input. A user with fewer than k candidates gets -inf scores in the
+        remaining slots. Scores are computed in user chunks of at most ``max_score_elements``.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_items:
+            raise ValueError(f"k must be an int in [1, {self.num_items}], got {k!r}")
+        seqs = self._check(seqs)
+        with torch.inference_mode():
+            config_ids, routed = self._config_ids(seqs, None)
+            chunk = max(1, self.max_score_elements // (self.num_items + 1))
+            ids, values = [], []
+            for start in range(0, seqs.shape[0], chunk):
+                part = seqs[start : start + chunk]
+                part_ids = config_ids[start : start + chunk]
+                plan = ops.plan(part_ids, self._table, check_ids=False)
+                scores = self._impl.scores(part, plan)
+                if exclude_history:
+                    scores.scatter_(1, part, float("-inf"))
+                top = scores.topk(k, dim=-1)
+                ids.append(top.indices)
+                values.append(top.values)
+            self.last_plan = self._summarize(
+                ops.plan(config_ids, self._table, check_ids=False), routed
+            )
+            return torch.cat(ids), torch.cat(values)
+
+    # -- internals -------------------------------------------------------------------------
+    def _check(self, seqs: Tensor) -> Tensor:
+        seqs = check_sequences(seqs, self.num_items, self.max_len)
+        if seqs.device != self.device:
+            raise ValueError(f"seqs must be on the engine's device {self.device}, got {seqs.device}")
+        return seqs
+
+    def _config_ids(self, seqs: Tensor, config_ids: Tensor | None) -> tuple[Tensor, bool]:
+        if config_ids is None:
+            return self._impl.route(seqs), True
+        config_ids = check_config_ids(config_ids, seqs.shape[0], self.space.n_configs)
+        return config_ids.to(self.device), False
+
+    def _summarize(self, plan: ops.Plan, routed: bool) -> PlanSummary:
+        offsets = plan.group_offsets.tolist()
+        histogram = [0] * len(self.space)
+        groups = []
+        for g, config_id in enumerate(plan.group_config.tolist()):
+            size = offsets[g + 1] - offsets[g]
+            histogram[config_id] = size
+            if size:
+                config = self.space.configs[config_id]
+                groups.append(GroupSpan(config_id, config, offsets[g], offsets[g + 1]))
+        users = offsets[-1]
+        router = self.arch["router_dim"]
+        return PlanSummary(
+            histogram=histogram,
+            groups=groups,
+            layer_active=plan.layer_active.tolist(),
+            flops=sum(n * f for n, f in zip(histogram, self._flops, strict=True)),
+            flops_router=users * flops_router(self.max_len, len(self.space), router)
+            if routed
+            else 0,
+            flops_largest=users * self._flops[self.space.largest_id],
+            order=plan.order,
+        )
