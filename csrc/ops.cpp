@@ -1,0 +1,56 @@
+// Operator schemas of the canet namespace (declared once, here) and the tiny Python module.
+#include "plan.h"
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+namespace canet {
+
+void check_plan_inputs(const at::Tensor& config_ids, const at::Tensor& config_table) {
+  TORCH_CHECK(config_ids.scalar_type() == at::kLong,
+              "canet::plan: config_ids must be int64, got ", config_ids.scalar_type());
+  TORCH_CHECK(config_table.scalar_type() == at::kLong,
+              "canet::plan: config_table must be int64, got ", config_table.scalar_type());
+  TORCH_CHECK(config_ids.dim() == 1, "canet::plan: config_ids must be 1-D [B], got ",
+              config_ids.dim(), "-D with shape ", config_ids.sizes());
+  TORCH_CHECK(config_table.dim() == 2 && config_table.size(1) == 3,
+              "canet::plan: config_table must be [C, 3] (depth, hidden, emb), got shape ",
+              config_table.sizes());
+  TORCH_CHECK(config_table.size(0) >= 1,
+              "canet::plan: config_table must have at least one config (C >= 1), got C = ",
+              config_table.size(0));
+  TORCH_CHECK(config_ids.device() == config_table.device(),
+              "canet::plan: config_ids and config_table must be on the same device, got ",
+              config_ids.device(), " and ", config_table.device());
+}
+
+}  // namespace canet
+
+TORCH_LIBRARY(canet, m) {
+  m.def(
+      "plan(Tensor config_ids, Tensor config_table) -> (Tensor order, Tensor inverse, "
+      "Tensor group_config, Tensor group_offsets, Tensor layer_active)");
+}
+
+// cpp_extension defines TORCH_EXTENSION_NAME; the CMake development build does not, so it
+// stays free of Python and links only against libtorch.
+#ifdef TORCH_EXTENSION_NAME
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "canet native extension: registers the canet::* operators with torch";
+  mod.def("build_info", []() {
+    py::dict info;
+#ifdef CANET_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    info["ops"] = py::make_tuple("plan");
+    return info;
+  }, "What this build of the extension contains: {'cuda': bool, 'ops': tuple[str, ...]}");
+}
+#endif
