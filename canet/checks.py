@@ -23,7 +23,9 @@ def check_sequences(
     right-padded row cannot be scored.
     """
     if not isinstance(seqs, torch.Tensor):
-        raise ValueError(f"seqs must be a torch.Tensor of item ids [B, {max_len}], got {type(seqs)}")
+        raise ValueError(
+            f"seqs must be a torch.Tensor of item ids [B, {max_len}], got {type(seqs)}"
+        )
     if seqs.dtype not in _ID_DTYPES:
         raise ValueError(f"seqs must hold int64 (or int32) item ids, got dtype {seqs.dtype}")
     if seqs.dim() != 2:
@@ -44,7 +46,8 @@ def check_sequences(
         ends_in_padding = (seqs[:, -1] == 0).nonzero().flatten()
         if ends_in_padding.numel():
             rows = ends_in_padding[:5].tolist()
-            more = "" if ends_in_padding.numel() <= 5 else f" and {ends_in_padding.numel() - 5} more"
+            extra = ends_in_padding.numel() - 5
+            more = f" and {extra} more" if extra > 0 else ""
             raise ValueError(
                 "every sequence must be left-padded with a real item at the last position; "
                 f"rows {rows}{more} end with padding (0)"
@@ -76,7 +79,9 @@ def check_choice(choice: object, batch: int, n_configs: int) -> torch.Tensor:
     if not isinstance(choice, torch.Tensor):
         raise ValueError(f"choice must be a torch.Tensor [B, {n_configs}], got {type(choice)}")
     if not choice.is_floating_point():
-        raise ValueError(f"choice must be a floating-point one-hot tensor, got dtype {choice.dtype}")
+        raise ValueError(
+            f"choice must be a floating-point one-hot tensor, got dtype {choice.dtype}"
+        )
     if choice.shape != (batch, n_configs):
         raise ValueError(
             f"choice must have shape [B, n_configs] = ({batch}, {n_configs}), "

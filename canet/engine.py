@@ -159,7 +159,9 @@ class Engine:
     def _check(self, seqs: Tensor) -> Tensor:
         seqs = check_sequences(seqs, self.num_items, self.max_len)
         if seqs.device != self.device:
-            raise ValueError(f"seqs must be on the engine's device {self.device}, got {seqs.device}")
+            raise ValueError(
+                f"seqs must be on the engine's device {self.device}, got {seqs.device}"
+            )
         return seqs
 
     def _config_ids(self, seqs: Tensor, config_ids: Tensor | None) -> tuple[Tensor, bool]:

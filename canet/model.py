@@ -89,7 +89,7 @@ def allowed_keys(seqs: Tensor) -> Tensor:
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
-    """``[B, L, w]`` -> ``[B, heads, L, w / heads]`` with interleaved heads (c -> head c % heads)."""
+    """``[B, L, w]`` -> ``[B, heads, L, w / heads]``, heads interleaved (c -> head c % heads)."""
     batch, length, width = x.shape
     return x.view(batch, length, width // heads, heads).permute(0, 3, 1, 2)
 
@@ -315,7 +315,7 @@ class Supernet(nn.Module):
         }
 
     def logits(self, x: Tensor) -> Tensor:
-        """Item scores from hidden states ``[..., h]`` (h <= H) -> ``[..., N+1]``; column 0 = -inf."""
+        """Item scores: hidden states ``[..., h]`` (h <= H) -> ``[..., N+1]``; column 0 = -inf."""
         h = x.shape[-1]
         scores = F.linear(x, self.out.weight[:, :h], self.out.bias)
         pad = torch.zeros_like(scores[..., :1]).fill_(float("-inf"))

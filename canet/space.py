@@ -12,7 +12,7 @@ __all__ = ["Config", "RoutingSpace"]
 
 @dataclass(frozen=True, order=True)
 class Config:
-    """One sub-network: ``depth`` transformer blocks at width ``hidden`` over ``emb``-wide embeddings.
+    """One sub-network: ``depth`` blocks of width ``hidden`` over ``emb``-wide embeddings.
 
     Every weight of the sub-network is a prefix slice of the supernet's max-size tensors.
     """
@@ -26,12 +26,16 @@ def _sizes(name: str, values: Iterable[int]) -> tuple[int, ...]:
     try:
         sizes = tuple(values)
     except TypeError as err:
-        raise ValueError(f"RoutingSpace: {name} must be a sequence of ints, got {values!r}") from err
+        raise ValueError(
+            f"RoutingSpace: {name} must be a sequence of ints, got {values!r}"
+        ) from err
     if not sizes:
         raise ValueError(f"RoutingSpace: {name} must not be empty")
     for size in sizes:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"RoutingSpace: {name} must hold positive ints, got {size!r} in {sizes}")
+            raise ValueError(
+                f"RoutingSpace: {name} must hold positive ints, got {size!r} in {sizes}"
+            )
     if any(a >= b for a, b in zip(sizes, sizes[1:], strict=False)):
         raise ValueError(f"RoutingSpace: {name} must be strictly increasing, got {sizes}")
     return sizes

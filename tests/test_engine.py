@@ -1,0 +1,232 @@
+"""canet.Engine against the PyTorch reference, for every backend this machine can run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import canet
+from canet import CANet, Engine, RoutingSpace, backends
+from canet.backends import BackendUnavailableError
+
+NUM_ITEMS = 61
+MAX_LEN = 11
+
+AVAILABLE = [name for name, why in backends.availability("cpu").items() if why is None]
+
+
+def make_model(dtype=torch.float64, seed=0, num_items=NUM_ITEMS, max_len=MAX_LEN, space=None):
+    """Random weights everywhere, residual scales and LayerNorm affine far from their inits."""
+    torch.manual_seed(seed)
+    model = CANet(num_items, max_len, space=space).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "res_scale" in name:
+                p.uniform_(0.3, 1.5)
+            elif name.endswith(("ln1.weight", "ln2.weight")):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.3)
+    return model
+
+
+def batch(size, seed, max_len=MAX_LEN, num_items=NUM_ITEMS, heavy_padding=True):
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.randint(1, num_items + 1, (size, max_len), generator=g)
+    if heavy_padding:
+        lengths = torch.randint(1, max_len + 1, (size,), generator=g)
+        lengths[0] = 1
+        seqs[torch.arange(max_len)[None, :] < (max_len - lengths)[:, None]] = 0
+    return seqs
+
+
+def relative_error(got, want):
+    return ((got[:, 1:] - want[:, 1:]).abs().max() / want[:, 1:].abs().max()).item()
+
+
+def reference(model, seqs, config_ids=None):
+    with torch.no_grad():
+        return model.score(seqs, config_ids)
+
+
+MIXES = {
+    "random": lambda b, g: torch.randint(0, 36, (b,), generator=g),
+    "one_config": lambda b, g: torch.full((b,), 22),
+    "smallest": lambda b, g: torch.zeros(b, dtype=torch.long),
+    "largest": lambda b, g: torch.full((b,), 35),
+    "two_extremes": lambda b, g: torch.randint(0, 2, (b,), generator=g) * 35,
+}
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("size", [1, 7, 36])
+def test_score_equals_model_score(backend, dtype, tol, mix, size):
+    model = make_model(dtype)
+    engine = Engine(model, backend=backend)
+    seqs = batch(size, seed=size)
+    ids = MIXES[mix](size, torch.Generator().manual_seed(size + 1))
+    got = engine.score(seqs, ids)
+    want = reference(model, seqs, ids)
+    assert got.dtype == dtype and got.shape == (size, NUM_ITEMS + 1)
+    assert torch.isneginf(got[:, 0]).all()
+    assert relative_error(got, want) < tol
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_all_36_configs_at_once_and_router_decides(backend):
+    model = make_model()
+    engine = Engine(model, backend=backend)
+    seqs = batch(72, seed=5)
+    ids = torch.randperm(72, generator=torch.Generator().manual_seed(0)) % 36
+    assert relative_error(engine.score(seqs, ids), reference(model, seqs, ids)) < 1e-10
+    assert sum(1 for n in engine.last_plan.histogram if n) == 36
+    routed = engine.score(seqs)
+    assert torch.equal(engine.route(seqs), model.route(seqs))
+    assert relative_error(routed, reference(model, seqs)) < 1e-10
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("max_len", [1, 2, 13])
+def test_odd_sequence_lengths(backend, max_len):
+    model = make_model(max_len=max_len)
+    engine = Engine(model, backend=backend)
+    seqs = batch(9, seed=max_len, max_len=max_len)
+    ids = torch.arange(9) * 4
+    assert relative_error(engine.score(seqs, ids), reference(model, seqs, ids)) < 1e-10
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_other_routing_space(backend):
+    space = RoutingSpace(depths=(1, 3), hidden=(8, 24), emb=(4, 12), heads=4)
+    model = make_model(space=space)
+    engine = Engine(model, backend=backend)
+    seqs = batch(10, seed=3)
+    ids = torch.arange(10) % len(space)
+    assert relative_error(engine.score(seqs, ids), reference(model, seqs, ids)) < 1e-10
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("exclude_history", [True, False])
+def test_recommend_matches_topk_of_masked_scores(backend, exclude_history):
+    model = make_model(torch.float32)
+    engine = Engine(model, backend=backend, max_score_elements=3 * (NUM_ITEMS + 1))
+    seqs = batch(10, seed=4)
+    ids, values = engine.recommend(seqs, k=7, exclude_history=exclude_history)
+    scores = reference(model, seqs, model.route(seqs))
+    if exclude_history:
+        scores = scores.scatter(1, seqs, float("-inf"))
+    want = scores.topk(7, dim=-1)
+    torch.testing.assert_close(values, want.values, rtol=1e-5, atol=1e-5)
+    # Ids must agree wherever the scores are not tied.
+    assert (ids == want.indices).float().mean() > 0.95
+    assert (ids != 0).all()
+    if exclude_history:
+        assert not (ids[:, :, None] == seqs[:, None, :]).any()
+    assert engine.last_plan.num_users == 10
+
+
+def test_recommend_bad_k():
+    engine = Engine(make_model(torch.float32), backend="torch")
+    for k in (0, NUM_ITEMS + 1, 2.5):
+        with pytest.raises(ValueError, match="k must be"):
+            engine.recommend(batch(2, 0), k=k)
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_last_plan_reports_histogram_groups_and_flops(backend):
+    model = make_model(torch.float32)
+    engine = Engine(model, backend=backend)
+    ids = torch.tensor([35, 0, 0, 17, 35, 3, 0])
+    engine.score(batch(7, 1), ids)
+    plan = engine.last_plan
+    assert plan.histogram[0] == 3 and plan.histogram[35] == 2 and sum(plan.histogram) == 7
+    assert [g.config_id for g in plan.groups] == [35, 3, 17, 0]  # depth desc, then hidden
+    assert [g.size for g in plan.groups] == [2, 1, 1, 3]
+    assert plan.layer_active == [7, 7, 4, 4, 2, 2, 2, 2]
+    flops = [canet.flops(c, MAX_LEN, NUM_ITEMS) for c in model.space.configs]
+    assert plan.flops == sum(flops[i] for i in ids.tolist())
+    assert plan.flops_largest == 7 * flops[35]
+    assert plan.flops_router == 0
+    assert 0 < plan.flops_fraction < 1
+    assert torch.equal(ids[plan.order][[0, 1]], torch.tensor([35, 35]))
+
+
+def test_engine_holds_no_second_copy_of_the_weights():
+    model = make_model(torch.float32)
+    engine = Engine(model, backend="torch")
+    ptrs = {p.data_ptr() for p in model.parameters()}
+    assert all(p.data_ptr() in ptrs for p in engine._impl.model.parameters())
+    # An in-place update of the model is seen by the engine.
+    seqs, ids = batch(3, 2), torch.tensor([1, 20, 35])
+    before = engine.score(seqs, ids)
+    with torch.no_grad():
+        model.supernet.out.bias += 1.0
+    torch.testing.assert_close(engine.score(seqs, ids)[:, 1:], before[:, 1:] + 1.0)
+
+
+def test_engine_dtype_conversion():
+    model = make_model(torch.float64)
+    engine = Engine(model, backend="torch", dtype=torch.float32)
+    seqs, ids = batch(5, 3), torch.arange(5) * 7
+    got = engine.score(seqs, ids)
+    assert got.dtype == torch.float32
+    assert relative_error(got.double(), reference(model, seqs, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize(
+    "make_seqs, message",
+    [
+        (lambda s: s.float(), "dtype"),
+        (lambda s: s[:, 1:], "length"),
+        (lambda s: s[:0], "empty"),
+        (lambda s: s.index_fill(1, torch.tensor([3]), NUM_ITEMS + 1), "item ids"),
+        (lambda s: s.index_fill(1, torch.tensor([MAX_LEN - 1]), 0), "padding"),
+    ],
+)
+def test_bad_input_raises_value_error(backend, make_seqs, message):
+    engine = Engine(make_model(torch.float32), backend=backend)
+    bad = make_seqs(batch(3, 1))
+    calls = (lambda: engine.score(bad), lambda: engine.recommend(bad), lambda: engine.route(bad))
+    for call in calls:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_bad_config_ids_raise_value_error(backend):
+    engine = Engine(make_model(torch.float32), backend=backend)
+    with pytest.raises(ValueError, match=r"\[0, 35\]"):
+        engine.score(batch(3, 1), torch.tensor([0, 36, 2]))
+    with pytest.raises(ValueError, match="shape"):
+        engine.score(batch(3, 1), torch.tensor([0, 1]))
+
+
+def test_unknown_and_unavailable_backends_say_why():
+    model = make_model(torch.float32)
+    with pytest.raises(ValueError, match="unknown backend"):
+        Engine(model, backend="tpu")
+    reasons = backends.availability("cpu")
+    assert reasons["torch"] is None
+    for name, why in reasons.items():
+        if why is not None:
+            with pytest.raises(BackendUnavailableError, match=name) as err:
+                Engine(model, backend=name)
+            assert why in str(err.value)
+    assert reasons["cuda"] is not None  # no GPU in CI; the reason names what is missing
+
+
+def test_auto_picks_a_working_backend():
+    import warnings
+
+    model = make_model(torch.float32)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        engine = Engine(model)
+    assert engine.backend in AVAILABLE
+    if backends.availability("cpu")["cpu"] is None:
+        assert engine.backend == "cpu"
