@@ -1,0 +1,177 @@
+"""canet.bench: routing-mix generators, the efficiency arithmetic, target verdicts and a
+``canet bench --quick`` run on a tiny shape (timings themselves are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from canet import Engine, RoutingSpace, bench
+
+SPACE = RoutingSpace()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Nothing here is timed against a bound, so run on one thread: on a busy machine torch's
+    worker threads wait on each other and a tiny forward can take seconds. Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mix", bench.MIXES)
+def test_mixes_are_seeded_and_deterministic(mix):
+    first = bench.make_config_ids(mix, 64, SPACE, seed=3)
+    again = bench.make_config_ids(mix, 64, SPACE, seed=3)
+    assert first.dtype == torch.int64 and first.shape == (64,)
+    assert torch.equal(first, again)
+    assert 0 <= int(first.min()) and int(first.max()) < SPACE.n_configs
+
+
+@pytest.mark.parametrize("mix", ["paper", "uniform"])
+def test_random_mixes_change_with_the_seed(mix):
+    assert not torch.equal(
+        bench.make_config_ids(mix, 64, SPACE, seed=0), bench.make_config_ids(mix, 64, SPACE, seed=1)
+    )
+
+
+def test_smallest_and_largest_are_exact():
+    assert bench.make_config_ids("smallest", 9, SPACE).tolist() == [SPACE.smallest_id] * 9
+    assert bench.make_config_ids("largest", 9, SPACE).tolist() == [SPACE.largest_id] * 9
+
+
+def test_paper_mix_costs_35_to_45_percent_of_the_largest():
+    weights = bench.paper_weights(SPACE)
+    fractions = bench.config_fractions(SPACE, bench.SEQ_LEN, bench.NUM_ITEMS)
+    assert weights.sum().item() == pytest.approx(1.0)
+    assert (weights @ fractions).item() == pytest.approx(bench.PAPER_FLOPS_FRACTION, abs=1e-6)
+    ids = bench.make_config_ids("paper", 512, SPACE)
+    realised = bench.routed_flops(ids, SPACE, bench.SEQ_LEN, bench.NUM_ITEMS) / (
+        512 * bench.routed_flops(torch.tensor([SPACE.largest_id]), SPACE, bench.SEQ_LEN,
+                                 bench.NUM_ITEMS)
+    )
+    assert 0.35 <= realised <= 0.45
+    # Most users run a config cheaper than the mean cost: the FLOPs are skewed toward small.
+    assert fractions[ids].median().item() < realised
+
+
+def test_unknown_mix_and_unreachable_target_are_rejected():
+    with pytest.raises(ValueError, match="unknown routing mix"):
+        bench.make_config_ids("heavy", 4, SPACE)
+    with pytest.raises(ValueError, match="target FLOPs fraction"):
+        bench.paper_weights(SPACE, target=0.01)
+
+
+def test_routed_flops_match_the_engine_count():
+    model = bench.build_model(num_items=20, seq_len=5)
+    ids = bench.make_config_ids("paper", 16, model.space, seq_len=5, num_items=20)
+    engine = Engine(model, backend="torch")
+    engine.score(bench.make_sequences(16, num_items=20, seq_len=5), ids)
+    assert engine.last_plan.flops == bench.routed_flops(ids, model.space, 5, 20)
+
+
+def test_efficiency_arithmetic_on_hand_made_timings():
+    # All-largest costs 4x the routed FLOPs: ideal speedup 4.
+    assert bench.ideal_speedup(400, 100) == 4.0
+    assert bench.speedup(2.0, 0.5) == 4.0
+    assert bench.efficiency(largest_s=2.0, routed_s=1.0, ideal=4.0) == 0.5
+    seconds = {
+        "supernet_dense": 3.0, "masked": 6.0, "supernet_routed": 1.5,
+        "cpu": 0.5, "cpu_largest": 2.0, "torch": 1.0,  # torch_largest missing on purpose
+    }
+    metrics = bench.case_metrics(seconds, flops_routed=100, flops_largest=400,
+                                 backends=["cpu", "torch"])
+    assert metrics["ideal_speedup"] == 4.0
+    assert metrics["flops_fraction"] == 0.25
+    cpu = metrics["backends"]["cpu"]
+    assert cpu["speedup_vs_largest"] == 4.0
+    assert cpu["efficiency"] == 1.0
+    assert cpu["speedup_vs_dense"] == 6.0
+    assert cpu["speedup_vs_masked"] == 12.0
+    assert cpu["speedup_vs_supernet_routed"] == 3.0
+    torch_entry = metrics["backends"]["torch"]
+    assert "efficiency" not in torch_entry and torch_entry["speedup_vs_dense"] == 3.0
+    with pytest.raises(ValueError):
+        bench.ideal_speedup(400, 0)
+
+
+def _case(mix, batch, **backends):
+    return {"mix": mix, "batch": batch, "backends": backends}
+
+
+def test_target_verdicts():
+    cases = [
+        _case("paper", 512, cpu={"efficiency": 0.97, "speedup_vs_dense": 2.0,
+                                 "speedup_vs_masked": 5.0},
+              torch={"speedup_vs_dense": 1.2}),
+        _case("uniform", 512, torch={"speedup_vs_dense": 0.9}),
+    ]
+    verdicts = {(v["target"], v["mix"]): v for v in bench.evaluate_targets(cases)}
+    assert verdicts["cpu-efficiency-paper-B512", "paper"]["status"] == "met"
+    assert verdicts["cpu-vs-dense-paper-B512", "paper"]["status"] == "missed"
+    assert verdicts["cpu-vs-masked-paper-B512", "paper"]["status"] == "met"  # >= is met
+    assert verdicts["cpu-efficiency-paper-B8", "paper"]["status"] == "not measured"
+    assert verdicts["cpu-vs-supernet-routed-B1", None]["status"] == "not measured"
+    assert verdicts["torch-vs-dense-B512", "paper"]["status"] == "met"
+    assert verdicts["torch-vs-dense-B512", "uniform"]["status"] == "missed"
+
+    absent = bench.evaluate_targets([_case("paper", 512, torch={"speedup_vs_dense": 1.1})],
+                                    skipped={"cpu": "not built"})
+    cpu_verdicts = [v for v in absent if v["backend"] == "cpu" and v["batch"] == 512]
+    assert cpu_verdicts and all(
+        v["status"] == "not measured" and v["reason"] == "not built" for v in cpu_verdicts
+    )
+
+
+def test_quick_cli_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "results" / "cpu-test.json"
+    argv = ["--quick", "--items", "40", "--seq-len", "6", "--batch", "1,3",
+            "--mix", "paper,largest", "--threads", "1", "--out", str(out)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert set(report) >= {"schema", "machine", "settings", "results", "targets"}
+    assert set(report["machine"]) >= {"cpu_model", "cpu_count", "torch", "torch_threads",
+                                      "canet", "git", "date"}
+    assert report["machine"]["torch_threads"] == 1
+    settings = report["settings"]
+    cpu_reason = bench.available_backends(["cpu"])[1].get("cpu")
+    if cpu_reason is None:
+        assert "cpu" in settings["backends_run"]
+    else:
+        assert settings["backends_skipped"] == {"cpu": cpu_reason}
+        assert f"skipping the cpu backend: {cpu_reason}" in capsys.readouterr().err
+    assert [(c["mix"], c["batch"]) for c in report["results"]] == [
+        ("paper", 1), ("largest", 1), ("paper", 3), ("largest", 3)
+    ]
+    for case in report["results"]:
+        assert set(case) >= {"flops_routed", "flops_largest", "flops_fraction", "ideal_speedup",
+                             "timings", "backends", "histogram"}
+        assert set(case["timings"]) >= {"supernet_dense", "masked", "supernet_routed", "torch",
+                                        "torch_largest"}
+        assert set(case["backends"]["torch"]) >= {"users_per_s", "efficiency",
+                                                 "speedup_vs_dense", "speedup_vs_masked",
+                                                 "max_rel_error"}
+        assert case["backends"]["torch"]["max_rel_error"] < 1e-4
+    assert {v["status"] for v in report["targets"]} <= {"met", "missed", "not measured"}
+    markdown = out.with_suffix(".md").read_text()
+    assert "| mix | B |" in markdown and "## Targets" in markdown
+
+
+def test_plot_without_matplotlib_fails_with_a_clear_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    assert bench.main(["--quick", "--plot", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()  # failed before measuring anything
+
+
+def test_time_call_respects_the_minimum_repeats():
+    calls = []
+    timing = bench.time_call(lambda: calls.append(1), min_time=0.0, min_repeats=4,
+                             warmup_time=0.0)
+    assert len(timing.times) == 4 and len(calls) == 5  # one warm-up call, four timed
+    assert timing.median >= 0.0
