@@ -1,0 +1,241 @@
+"""GPU benchmark of routed CANet inference: the Triton backend against the PyTorch baselines.
+
+Times ``[B, N+1]`` scoring of a batch with given config ids (the router is excluded everywhere)
+for B in {256, 4096}, L = 50, N in {3000, 40000} and three routing mixes:
+
+* ``paper``: config c drawn with probability proportional to 1 / FLOPs(c), a stand-in for the
+  paper's skew towards small sub-networks (replace with the measured histogram when known);
+* ``uniform``: every config equally likely;
+* ``largest``: every user on the largest config (the all-largest reference).
+
+Methods: ``dense`` (PyTorch supernet, every user at the largest config, sliced path),
+``masked`` (the masked training path, one-hot choices), ``torch`` / ``torch_graph`` (engine
+torch backend eager / replayed from a CUDA graph recorded for the batch's plan), ``triton`` /
+``triton_graph`` (engine triton backend eager / CUDA graph).
+
+Writes ``benches/results/<date>-<gpu>.json`` and ``.md`` and prints a short table last.
+``--dry-run`` checks the arguments and the mixes without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from canet import CANet, Engine, RoutingSpace, flops, ops
+
+METHODS = ("dense", "masked", "torch", "torch_graph", "triton", "triton_graph")
+MIXES = ("paper", "uniform", "largest")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[256, 4096])
+    parser.add_argument("--max-len", type=int, default=50)
+    parser.add_argument("--items", type=int, nargs="+", default=[3000, 40000])
+    parser.add_argument("--mixes", nargs="+", choices=MIXES, default=list(MIXES))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=360.0,
+                        help="stop starting new cells after this many seconds")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--dry-run", action="store_true", help="check arguments and mixes only")
+    args = parser.parse_args(argv)
+    for name in ("batch", "items"):
+        if any(v < 1 for v in getattr(args, name)):
+            parser.error(f"--{name.replace('_', '-')} values must be >= 1")
+    if args.max_len < 1 or args.iters < 1 or args.warmup < 0:
+        parser.error("--max-len and --iters must be >= 1, --warmup >= 0")
+    return args
+
+
+def mix_ids(mix: str, space: RoutingSpace, batch: int, max_len: int, items: int, seed: int = 0):
+    """Config ids ``[B]`` (CPU int64) of one routing mix."""
+    g = torch.Generator().manual_seed(seed)
+    if mix == "largest":
+        return torch.full((batch,), space.largest_id, dtype=torch.int64)
+    if mix == "uniform":
+        return torch.randint(0, len(space), (batch,), generator=g)
+    cost = torch.tensor([flops(c, max_len, items) for c in space.configs], dtype=torch.float64)
+    return torch.multinomial(1.0 / cost, batch, replacement=True, generator=g)
+
+
+def flops_fraction(ids: torch.Tensor, space: RoutingSpace, max_len: int, items: int) -> float:
+    per = [flops(c, max_len, items) for c in space.configs]
+    return sum(per[i] for i in ids.tolist()) / (len(ids) * per[space.largest_id])
+
+
+def time_ms(fn, iters: int, warmup: int) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` CUDA-event-timed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def graph_of(fn):
+    """Record ``fn`` (static inputs) in a CUDA graph; returns the replay callable."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench_cell(model, engines, batch, max_len, items, mix, args) -> dict:
+    space = model.space
+    device = torch.device("cuda")
+    ids_cpu = mix_ids(mix, space, batch, max_len, items)
+    ids = ids_cpu.to(device)
+    g = torch.Generator().manual_seed(batch)
+    seqs = torch.randint(1, items + 1, (batch, max_len), generator=g).to(device)
+    lengths = torch.randint(1, max_len + 1, (batch,), generator=g).to(device)
+    seqs[torch.arange(max_len, device=device)[None, :] < (max_len - lengths)[:, None]] = 0
+    plan = ops.plan(ids, space.table(device), check_ids=False)
+    # The torch backend reads group sizes on the host: hand it host copies so that a graph
+    # recorded for this plan never syncs (the graph is then valid for this mix only).
+    host_plan = plan._replace(group_config=plan.group_config.cpu(),
+                              group_offsets=plan.group_offsets.cpu())
+    torch_impl, triton_impl = engines["torch"]._impl, engines["triton"]._impl
+    largest = space.configs[space.largest_id]
+    out = torch.empty(batch, items + 1, dtype=model.supernet.out.weight.dtype, device=device)
+    one_hot = model.one_hot(ids)
+
+    def dense():
+        x = model.supernet.hidden_last(seqs, largest)
+        return model.supernet.logits(x)
+
+    calls = {
+        "dense": dense,
+        "masked": lambda: model.score_masked(seqs, one_hot),
+        "torch": lambda: torch_impl.scores(seqs, host_plan),
+        "triton": lambda: triton_impl.scores_from_ids(seqs, ids, out=out),
+    }
+    result = {"batch": batch, "max_len": max_len, "items": items, "mix": mix,
+              "flops_fraction": flops_fraction(ids_cpu, space, max_len, items), "ms": {}}
+    with torch.inference_mode():
+        for method in args.methods:
+            if method == "torch_graph":
+                fn = graph_of(calls["torch"])
+            elif method == "triton_graph":
+                captured = triton_impl.capture(batch, routed=False)
+                fn = lambda c=captured: c(seqs, ids)  # noqa: E731
+            else:
+                fn = calls[method]
+            result["ms"][method] = time_ms(fn, args.iters, args.warmup)
+        # Correctness guard: the timed triton path must equal the torch backend.
+        want = torch_impl.scores(seqs, host_plan).float()
+        got = triton_impl.scores_from_ids(seqs, ids, out=out).float()
+        err = ((got[:, 1:] - want[:, 1:]).abs().max() / want[:, 1:].abs().max()).item()
+        result["triton_vs_torch_rel_err"] = err
+        if not math.isfinite(err) or err > 0.1:
+            raise SystemExit(f"FAILED: triton scores differ from torch by {err:.3g} in {result}")
+    return result
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Derived ratios per (batch, items): efficiency vs all-largest, speedups."""
+    rows = []
+    largest = {(r["batch"], r["items"]): r for r in results if r["mix"] == "largest"}
+    for r in results:
+        ms = r["ms"]
+        row = {k: r[k] for k in ("batch", "items", "mix", "flops_fraction")}
+        row.update({f"{m}_ms": round(v, 3) for m, v in ms.items()})
+        ideal = 1.0 / r["flops_fraction"]
+        ref = largest.get((r["batch"], r["items"]))
+        if ref and "triton" in ms and "triton" in ref["ms"]:
+            row["efficiency_vs_all_largest"] = round(ref["ms"]["triton"] / ms["triton"] / ideal, 3)
+        if "dense" in ms and "triton" in ms:
+            row["speedup_vs_dense_over_ideal"] = round(ms["dense"] / ms["triton"] / ideal, 3)
+        if "torch" in ms and "triton" in ms:
+            row["speedup_vs_torch_eager"] = round(ms["torch"] / ms["triton"], 2)
+        if "torch_graph" in ms and "triton_graph" in ms:
+            row["graph_speedup_vs_torch_graph"] = round(ms["torch_graph"] / ms["triton_graph"], 2)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    keys = sorted({k for row in rows for k in row}, key=lambda k: (k not in
+                  ("batch", "items", "mix", "flops_fraction"), k))
+    lines = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    space = RoutingSpace()
+    if args.dry_run:
+        for mix in args.mixes:
+            ids = mix_ids(mix, space, max(args.batch), args.max_len, max(args.items))
+            frac = flops_fraction(ids, space, args.max_len, max(args.items))
+            print(f"dry run: mix {mix}: flops fraction {frac:.3f}")
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit("FAILED: gpu_bench.py needs a CUDA device (use --dry-run without one)")
+    dtype = DTYPES[args.dtype]
+    started = time.monotonic()
+    results = []
+    for items in args.items:
+        torch.manual_seed(0)
+        model = CANet(items, args.max_len, space).cuda().to(dtype).eval()
+        engines = {name: Engine(model, backend=name) for name in ("torch", "triton")}
+        for batch in args.batch:
+            for mix in args.mixes:
+                if time.monotonic() - started > args.budget_s:
+                    print(f"budget of {args.budget_s}s spent: skipping B={batch} N={items} {mix}",
+                          file=sys.stderr)
+                    continue
+                results.append(bench_cell(model, engines, batch, args.max_len, items, mix, args))
+                print(json.dumps(results[-1]), flush=True)
+        del model, engines
+        torch.cuda.empty_cache()
+    gpu = torch.cuda.get_device_name().replace(" ", "_")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = summarize(results)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "dtype": args.dtype, "iters": args.iters}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    path = args.out / f"{stamp}-{gpu}"
+    path.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results,
+                                                      "summary": rows}, indent=2))
+    table = markdown(rows, f"# canet GPU bench {stamp} on {meta['gpu']} ({args.dtype})")
+    path.with_suffix(".md").write_text(table)
+    print(f"wrote {path}.json and {path}.md")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
