@@ -1,0 +1,449 @@
+"""Checkpoint directories: atomic saves, validated loads.
+
+Layout of one checkpoint directory (``RUN_DIR/best/``, ``RUN_DIR/last/``)::
+
+    model.safetensors     exactly model.state_dict() (the canonical schema); metadata:
+                          canet_version, arch (JSON of model.arch), tensors_sha256
+    config.yaml           the resolved TrainConfig
+    vocab.json            Vocab.to_json(): external token <-> internal id
+    trainer_state.json    epoch, best score, counters, python/numpy RNG state, file digests
+    optimizer.pt          optimizer, scheduler, torch RNG states (torch.load(weights_only=True))
+
+Saving writes a temporary sibling directory, fsyncs every file and the directory, then swaps it
+in with renames: ``target -> .target.old-*``, ``tmp -> target``, then deletes the old one. A
+process killed at any point leaves either the previous or the new checkpoint complete; a kill
+between the two renames leaves the previous one as ``.target.old-*``, which :func:`load_*`
+reads in place and :func:`cleanup_leftovers` (run by the next training start) renames back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ._version import __version__
+from .config import TrainConfig, config_from_dict, dump_config, read_yaml
+from .data import Vocab
+from .errors import CanetError, CheckpointError
+from .model import CANet
+
+__all__ = [
+    "MODEL_FILE",
+    "CONFIG_FILE",
+    "VOCAB_FILE",
+    "STATE_FILE",
+    "OPTIMIZER_FILE",
+    "Checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model_weights",
+    "load_training_state",
+    "resolve_checkpoint_dir",
+    "cleanup_leftovers",
+    "capture_rng_state",
+    "restore_rng_state",
+]
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+VOCAB_FILE = "vocab.json"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, STATE_FILE, OPTIMIZER_FILE)
+_TMP_MARK = ".tmp-"
+_OLD_MARK = ".old-"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint directory (weights already inside ``model``)."""
+
+    path: Path
+    model: CANet
+    config: TrainConfig
+    vocab: Vocab
+    trainer_state: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def _tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor in name order: catches corrupted
+    tensor data, which the safetensors header alone cannot."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Directory fsync makes the renames durable; not every platform/filesystem allows it.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def save_checkpoint(
+    target: str | os.PathLike[str],
+    model: CANet,
+    config: TrainConfig,
+    vocab: Vocab,
+    trainer_state: dict[str, Any],
+    optimizer_state: dict[str, Any],
+) -> Path:
+    """Write a complete checkpoint to ``target`` atomically (see the module docstring).
+
+    ``trainer_state`` must be JSON-serialisable; ``optimizer_state`` is a dict of tensors and
+    plain containers (optimizer/scheduler state dicts, torch RNG states). Refuses (CheckpointError)
+    a model with NaN/inf weights, so a diverged run never replaces a good checkpoint.
+    """
+    target = Path(target)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    bad = [name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise CheckpointError(
+            f"{target}: refusing to save a model with NaN/inf weights in {bad[:5]}"
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_MARK}", dir=parent))
+    try:
+        metadata = {
+            "canet_version": __version__,
+            "arch": json.dumps(model.arch, sort_keys=True),
+            "tensors_sha256": _tensors_digest(state),
+        }
+        save_file(state, str(tmp / MODEL_FILE), metadata=metadata)
+        _write_text(tmp / CONFIG_FILE, dump_config(config))
+        _write_text(tmp / VOCAB_FILE, vocab.to_json())
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        digests = {
+            name: _file_digest(tmp / name)
+            for name in (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, OPTIMIZER_FILE)
+        }
+        full_state = {
+            **trainer_state,
+            "canet_version": __version__,
+            "arch": model.arch,
+            "files_sha256": digests,
+        }
+        # Written last: a directory with a valid trainer_state.json had every other file done.
+        _write_text(tmp / STATE_FILE, json.dumps(full_state, indent=1, sort_keys=True))
+        for name in REQUIRED_FILES:
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Put the complete directory ``new`` at ``target``, keeping the previous one until the new
+    one is in place."""
+    parent = target.parent
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}{_OLD_MARK}", dir=parent))
+        os.rmdir(old)  # only the unique name is wanted; rename needs it absent
+        os.rename(target, old)
+        _fsync_dir(parent)
+    os.rename(new, target)
+    _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def cleanup_leftovers(directory: str | os.PathLike[str]) -> list[str]:
+    """Finish or undo interrupted saves under ``directory``; returns what was done (messages).
+
+    ``.X.tmp-*`` (a save that never completed) is deleted; ``.X.old-*`` is deleted when ``X``
+    exists (the swap completed) and renamed back to ``X`` otherwise (the process died between
+    the two renames, so it is the last complete checkpoint).
+    """
+    directory = Path(directory)
+    actions: list[str] = []
+    if not directory.is_dir():
+        return actions
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        if not name.startswith(".") or not entry.is_dir():
+            continue
+        if _TMP_MARK in name:
+            shutil.rmtree(entry, ignore_errors=True)
+            actions.append(f"removed the incomplete save {entry}")
+        elif _OLD_MARK in name:
+            final = directory / name[1:].split(_OLD_MARK, 1)[0]
+            if final.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+                actions.append(f"removed the replaced checkpoint {entry}")
+            else:
+                os.rename(entry, final)
+                actions.append(f"restored {final} from the interrupted save {entry}")
+    if actions:
+        _fsync_dir(directory)
+    return actions
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint directory for ``path``: a checkpoint dir itself, or a run dir (its
+    ``best/``, else ``last/``). Falls back, read-only, to ``.X.old-*`` when a save of ``X`` was
+    interrupted between its two renames. Raises CheckpointError when there is none."""
+    path = Path(path)
+    # A run dir holds config.yaml too, so only these files mark a checkpoint dir itself.
+    own_files = (MODEL_FILE, STATE_FILE, OPTIMIZER_FILE, VOCAB_FILE)
+    if any((path / name).exists() for name in own_files):
+        return path
+    for candidate in (path, path / "best", path / "last"):
+        if candidate is not path and candidate.is_dir():
+            return candidate
+        if not candidate.exists() and candidate.parent.is_dir():
+            olds = sorted(candidate.parent.glob(f".{candidate.name}{_OLD_MARK}*"))
+            if olds:
+                return olds[-1]
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    raise CheckpointError(
+        f"{path}: not a checkpoint directory: expected {MODEL_FILE} and the other checkpoint "
+        f"files ({', '.join(REQUIRED_FILES)}) here or in {path}/best or {path}/last"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _require(directory: Path, name: str) -> Path:
+    path = directory / name
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: missing; the checkpoint is incomplete (expected {', '.join(REQUIRED_FILES)})"
+        )
+    return path
+
+
+def _read_state_json(directory: Path) -> dict[str, Any]:
+    path = _require(directory, STATE_FILE)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable or corrupted JSON ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("arch"), dict):
+        raise CheckpointError(f"{path}: expected a JSON object with an 'arch' entry")
+    return data
+
+
+def _check_digest(directory: Path, name: str, state: dict[str, Any]) -> None:
+    expected = state.get("files_sha256", {}).get(name)
+    path = _require(directory, name)
+    if expected is not None and _file_digest(path) != expected:
+        raise CheckpointError(
+            f"{path}: corrupted (its sha256 differs from the one recorded in {STATE_FILE})"
+        )
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises its own error types for every corruption
+        raise CheckpointError(
+            f"{path}: truncated or corrupted safetensors file ({error})"
+        ) from None
+    return tensors, metadata
+
+
+def load_model_weights(
+    directory: str | os.PathLike[str], model: CANet | None = None
+) -> CANet:
+    """Load ``directory/model.safetensors`` into ``model`` (or a new CANet built from the stored
+    arch) and return it.
+
+    Everything is validated BEFORE the model is touched: the arch in the metadata must equal
+    ``model.arch``, every key of ``model.state_dict()`` must be present with the same shape and
+    dtype (and no extra key), the tensor digest must match, and no value may be NaN/inf. On any
+    problem CheckpointError names the file and ``model`` is left unchanged.
+    """
+    directory = Path(directory)
+    path = _require(directory, MODEL_FILE)
+    tensors, metadata = _read_safetensors(path)
+    try:
+        stored_arch = json.loads(metadata["arch"])
+    except (KeyError, json.JSONDecodeError, TypeError):
+        raise CheckpointError(
+            f"{path}: no canet architecture in the safetensors metadata; not a canet checkpoint"
+        ) from None
+    if model is None:
+        try:
+            model = CANet.from_arch(stored_arch).eval()  # a fresh model is for inference
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: invalid architecture in metadata: {error}") from None
+    elif stored_arch != model.arch:
+        raise CheckpointError(f"{path}: {describe_arch_change(stored_arch, model.arch)}")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"{path}: tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for name, reference in expected.items():
+        got = tensors[name]
+        if got.shape != reference.shape or got.dtype != reference.dtype:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} expected {reference.dtype} {tuple(reference.shape)}, "
+                f"got {got.dtype} {tuple(got.shape)}"
+            )
+    recorded = metadata.get("tensors_sha256")
+    if recorded is not None and recorded != _tensors_digest(tensors):
+        raise CheckpointError(f"{path}: corrupted tensor data (digest mismatch)")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {name!r} holds NaN/inf")
+    with torch.no_grad():
+        for name, reference in expected.items():
+            reference.copy_(tensors[name])
+    return model
+
+
+def describe_arch_change(stored: dict[str, Any], current: dict[str, Any]) -> str:
+    """A one-line account of how two ``model.arch`` dicts differ."""
+    changes = [
+        f"{key}: checkpoint {stored.get(key)!r} vs now {current.get(key)!r}"
+        for key in sorted(set(stored) | set(current))
+        if stored.get(key) != current.get(key)
+    ]
+    return "checkpoint is from another model architecture (" + "; ".join(changes) + ")"
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], model: CANet | None = None
+) -> Checkpoint:
+    """Load a checkpoint (a checkpoint dir, or a run dir -> its best/) for inference."""
+    directory = resolve_checkpoint_dir(path)
+    state = _read_state_json(directory)
+    for name in (CONFIG_FILE, VOCAB_FILE):
+        _check_digest(directory, name, state)
+    config_path = directory / CONFIG_FILE
+    try:
+        config = config_from_dict(read_yaml(config_path), source=str(config_path))
+    except CanetError as error:
+        raise CheckpointError(f"{config_path}: invalid config: {error}") from None
+    vocab_path = directory / VOCAB_FILE
+    try:
+        vocab = Vocab.from_json(vocab_path.read_text(encoding="utf-8"), source=str(vocab_path))
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{vocab_path}: unreadable ({error})") from None
+    except CanetError as error:
+        raise CheckpointError(str(error)) from None
+    model = load_model_weights(directory, model)
+    expected_arch = {
+        "num_items": vocab.num_items,
+        "max_len": config.max_len,
+        "space": config.routing_space().to_dict(),
+        "dropout": config.dropout,
+        "router_dim": config.router_dim,
+        "router_heads": config.router_heads,
+        "residual_scaling": config.residual_scaling,
+    }
+    if model.arch != expected_arch:
+        raise CheckpointError(
+            f"{directory / MODEL_FILE}: does not belong with {CONFIG_FILE}/{VOCAB_FILE} here; "
+            + describe_arch_change(model.arch, expected_arch)
+        )
+    _check_digest(directory, MODEL_FILE, state)
+    if vocab.num_items != model.num_items:
+        raise CheckpointError(
+            f"{vocab_path}: {vocab.num_items} items, but the model has {model.num_items}"
+        )
+    return Checkpoint(directory, model, config, vocab, state)
+
+
+def load_training_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict]:
+    """(trainer_state.json, optimizer.pt contents) of a checkpoint, validated."""
+    directory = Path(directory)
+    state = _read_state_json(directory)
+    _check_digest(directory, OPTIMIZER_FILE, state)
+    path = directory / OPTIMIZER_FILE
+    try:
+        optimizer_state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # zip/pickle errors have many types; all mean a bad file
+        raise CheckpointError(f"{path}: truncated or corrupted ({error})") from None
+    if not isinstance(optimizer_state, dict):
+        raise CheckpointError(f"{path}: expected a dict, got {type(optimizer_state).__name__}")
+    return state, optimizer_state
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state
+# --------------------------------------------------------------------------------------------
+
+
+def capture_rng_state(generators: dict[str, torch.Generator]) -> tuple[dict, dict]:
+    """(JSON-able python/numpy state, tensor state for optimizer.pt) of every RNG a run uses."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    json_state = {
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+    }
+    tensor_state = {"torch": torch.get_rng_state()}
+    for name, generator in generators.items():
+        tensor_state[f"generator.{name}"] = generator.get_state()
+    return json_state, tensor_state
+
+
+def restore_rng_state(
+    json_state: dict, tensor_state: dict, generators: dict[str, torch.Generator]
+) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    version, internal, gauss = json_state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = json_state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensor_state["torch"])
+    for key, generator in generators.items():
+        generator.set_state(tensor_state[f"generator.{key}"])

@@ -1,0 +1,102 @@
+"""The ``canet`` command: a table of subcommands, each one's logic in its own module.
+
+    canet train --data LOG --out RUN_DIR [--config cfg.yaml] [--key value ...]
+    canet evaluate RUN_DIR --data LOG [--split test|valid] [--backend model|auto|torch|cpu]
+    canet recommend RUN_DIR --input FILE -k 10 --output recs.csv
+    canet demo [--data LOG] [--quick]
+    canet bench ...            (canet.bench.main)
+
+Every user-caused error (bad data, config or checkpoint) ends with exit status 2 and one line
+``canet: error: <message>`` on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from ._version import __version__
+
+__all__ = ["COMMANDS", "main", "build_parser"]
+
+# name -> (module with add_arguments(parser) and run(args, extra) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("canet.train", "train CANet (or one fixed sub-network) on an interaction log"),
+    "evaluate": ("canet.evaluate", "full-ranking metrics, routing and FLOPs of a trained run"),
+    "recommend": ("canet.recommender",
+                  "top-k items for histories given as a log or JSON"),
+    "demo": ("canet.demo", "train CANet and the full-size baseline, evaluate, compare"),
+}
+# Subcommands that own their whole argument list (parsed by their module's main(argv)).
+PASSTHROUGH: dict[str, tuple[str, str]] = {
+    "bench": ("canet.bench", "benchmarks of the engine backends (canet.bench)"),
+}
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, status 2, as for every bad input
+        self.exit(EXIT_USAGE, f"canet: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="canet", description="CANet: one person, one model.", allow_abbrev=False
+    )
+    parser.add_argument("--version", action="version", version=f"canet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(
+            name, help=help_text, description=help_text, allow_abbrev=False
+        )
+        importlib.import_module(module_name).add_arguments(command)
+    for name, (_, help_text) in PASSTHROUGH.items():
+        command = sub.add_parser(name, help=help_text, add_help=False)
+        command.add_argument("argv", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _run_passthrough(name: str, argv: list[str]) -> int:
+    module_name = PASSTHROUGH[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        print(f"canet: error: '{name}' is not available in this install ({module_name} is "
+              "missing)", file=sys.stderr)
+        return EXIT_USAGE
+    status = module.main(argv)
+    return int(status or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: sys.argv[1:]) and return the exit status."""
+    from .errors import CanetError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return _run_passthrough(argv[0], argv[1:])
+    try:
+        from .backends import BackendUnavailableError
+
+        parser = build_parser()
+        try:
+            args, extra = parser.parse_known_args(argv)
+        except SystemExit as exit_request:  # --help, --version, usage errors
+            return exit_request.code if isinstance(exit_request.code, int) else EXIT_USAGE
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        module = importlib.import_module(COMMANDS[args.command][0])
+        return int(module.run(args, extra) or 0)
+    except (CanetError, ValueError, BackendUnavailableError) as error:
+        message = " ".join(str(error).splitlines()) or type(error).__name__
+        print(f"canet: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("canet: interrupted", file=sys.stderr)
+        return 130
+

@@ -1,0 +1,387 @@
+"""Training configuration: one flat set of typed keys, from YAML plus command-line overrides.
+
+Resolution order (later wins): the defaults below, the YAML file (``--config cfg.yaml``), then
+``--key value`` / ``--key=value`` overrides. Keys may be spelled with ``-`` or ``_``. Every
+unknown key is rejected with the list of valid ones, every value is type-checked, and the
+resolved config is written next to each checkpoint (``config.yaml``), so a run can always be
+reproduced from its own directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .losses import LossWeights
+from .space import RoutingSpace
+
+__all__ = [
+    "TrainConfig",
+    "load_config",
+    "parse_overrides",
+    "config_from_dict",
+    "dump_config",
+    "ARCHITECTURE_KEYS",
+]
+
+# Keys that change the weight layout or what the weights mean: a resumed run may not change them.
+ARCHITECTURE_KEYS = (
+    "max_len",
+    "depths",
+    "hidden",
+    "emb",
+    "heads",
+    "router_dim",
+    "router_heads",
+    "residual_scaling",
+    "fixed_config",
+    "format",
+    "column_map",
+    "min_user_inter",
+    "min_item_inter",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (see docs/training.md for a table with explanations)."""
+
+    # -- data ---------------------------------------------------------------------------------
+    format: str | None = None  # None: detect from the file content
+    column_map: dict[str, str] | None = None  # csv/atomic header names for user/item/timestamp
+    min_user_inter: int = 0
+    min_item_inter: int = 0
+    max_len: int = 50
+    # -- model --------------------------------------------------------------------------------
+    depths: list[int] = field(default_factory=lambda: [2, 4, 6, 8])
+    hidden: list[int] = field(default_factory=lambda: [64, 96, 128])
+    emb: list[int] = field(default_factory=lambda: [64, 96, 128])
+    heads: int = 4
+    dropout: float = 0.2
+    router_dim: int = 32
+    router_heads: int = 4
+    residual_scaling: bool = True
+    # None: CANet (routed); "largest" / "smallest" / a config id: that plain sub-network only.
+    fixed_config: str | int | None = None
+    # -- optimisation -------------------------------------------------------------------------
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_step_size: int = 0  # StepLR period in epochs; 0 = constant learning rate
+    lr_gamma: float = 0.5
+    tau_start: float = 1.0  # Gumbel temperature at epoch 0
+    tau_end: float = 1.0  # floor of the annealed temperature
+    tau_decay: float = 1.0  # per-epoch factor: tau = max(tau_end, tau_start * tau_decay**epoch)
+    guide_weight: float = 0.01
+    uniform_weight: float = 0.01
+    guide_k: int = 10
+    sharpness_emb: float = 2.0
+    sharpness_hidden: float = 2.0
+    sharpness_depth: float = 1.0
+    validate_router_input: bool = False  # run the router's boundary checks on every batch
+    max_bad_steps: int = 10  # NaN/inf losses or gradients tolerated before training stops
+    # -- evaluation / early stopping ----------------------------------------------------------
+    eval_every: int = 1
+    patience: int = 5  # validations without improvement before stopping; 0 = never stop early
+    eval_batch_size: int = 256
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    exclude_history: bool = True
+    # -- runtime ------------------------------------------------------------------------------
+    seed: int = 42
+    device: str = "cpu"
+    threads: int = 0  # torch.set_num_threads; 0 = leave PyTorch's default
+    progress: bool = True  # tqdm progress bars
+
+    # -- derived objects ----------------------------------------------------------------------
+    def routing_space(self) -> RoutingSpace:
+        try:
+            return RoutingSpace(self.depths, self.hidden, self.emb, self.heads)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(
+            guide=self.guide_weight,
+            uniform=self.uniform_weight,
+            guide_k=self.guide_k,
+            sharpness_emb=self.sharpness_emb,
+            sharpness_hidden=self.sharpness_hidden,
+            sharpness_depth=self.sharpness_depth,
+        )
+
+    def fixed_config_id(self, space: RoutingSpace | None = None) -> int | None:
+        """The config id of ``fixed_config`` in ``space`` (None for a routed CANet run)."""
+        space = space or self.routing_space()
+        value = self.fixed_config
+        if value is None:
+            return None
+        if value == "largest":
+            return space.largest_id
+        if value == "smallest":
+            return space.smallest_id
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(
+                    f"fixed_config must be 'largest', 'smallest' or a config id in "
+                    f"[0, {space.n_configs - 1}], got {self.fixed_config!r}"
+                ) from None
+        if not 0 <= value < space.n_configs:
+            raise ConfigError(
+                f"fixed_config id must be in [0, {space.n_configs - 1}] for this routing space "
+                f"({space.n_configs} configs), got {value}"
+            )
+        return value
+
+    def tau(self, epoch: int) -> float:
+        """Gumbel temperature of 0-based ``epoch``."""
+        return max(self.tau_end, self.tau_start * self.tau_decay**epoch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> TrainConfig:
+        """Range checks beyond the types (raises ConfigError); returns self."""
+        positive = ("max_len", "heads", "router_dim", "router_heads", "epochs", "batch_size",
+                    "guide_k", "eval_every", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        non_negative = ("min_user_inter", "min_item_inter", "lr_step_size", "max_bad_steps",
+                        "patience", "threads", "weight_decay", "guide_weight", "uniform_weight")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if not self.lr_gamma > 0:
+            raise ConfigError(f"lr_gamma must be > 0, got {self.lr_gamma}")
+        if not (self.tau_start > 0 and self.tau_end > 0 and self.tau_decay > 0):
+            raise ConfigError(
+                "tau_start, tau_end and tau_decay must be > 0, got "
+                f"{self.tau_start}, {self.tau_end}, {self.tau_decay}"
+            )
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ConfigError(f"ks must be a non-empty list of ints >= 1, got {self.ks}")
+        if 10 not in self.ks:
+            # Early stopping and model selection use NDCG@10 on the validation split.
+            raise ConfigError(f"ks must contain 10 (validation selects on ndcg@10), got {self.ks}")
+        if self.format is not None:
+            from .data import FORMATS
+
+            if self.format not in FORMATS:
+                raise ConfigError(f"format must be one of {list(FORMATS)} or null, got "
+                                  f"{self.format!r}")
+        self.fixed_config_id(self.routing_space())
+        return self
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return "mapping of str to str"
+    return {int: "int", float: "number", str: "string", bool: "bool"}.get(hint, str(hint))
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the annotation ``hint``; raises ConfigError naming the key."""
+
+    def fail() -> ConfigError:
+        return ConfigError(
+            f"config key {name!r} expects {_type_name(hint)}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _coerce(name, value, arg)
+            except ConfigError:
+                continue
+        raise fail()
+    if hint is type(None):
+        if value is None:
+            return None
+        raise fail()
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail()
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise fail()
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail()
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    raise fail()
+
+
+def _canonical(key: str) -> str:
+    return key.strip().lstrip("-").replace("-", "_")
+
+
+def _unknown_key_error(keys: Iterable[str], source: str) -> ConfigError:
+    valid = ", ".join(sorted(_FIELDS))
+    shown = ", ".join(repr(k) for k in keys)
+    return ConfigError(f"{source}: unknown config key(s) {shown}; valid keys: {valid}")
+
+
+def config_from_dict(
+    values: Mapping[str, Any], base: TrainConfig | None = None, source: str = "config"
+) -> TrainConfig:
+    """A validated config: ``base`` (default: the defaults) updated with ``values``.
+
+    Raises ConfigError on an unknown key (listing the valid ones), a wrong type or a value out
+    of range; messages name ``source`` (a file, or "command line").
+    """
+    if not isinstance(values, Mapping):
+        raise ConfigError(
+            f"{source}: expected a mapping of config keys, got {type(values).__name__}"
+        )
+    updates = {_canonical(str(key)): value for key, value in values.items()}
+    unknown = [key for key in updates if key not in _FIELDS]
+    if unknown:
+        raise _unknown_key_error(unknown, source)
+    resolved = (base or TrainConfig()).to_dict()
+    for key, value in updates.items():
+        try:
+            resolved[key] = _coerce(key, value, _HINTS[key])
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
+    config = TrainConfig(**resolved)
+    try:
+        return config.validate()
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
+    """Command-line overrides ``--key value`` or ``--key=value`` -> {key: value}.
+
+    Values are read as YAML scalars/flow collections (``3`` -> int, ``1e-3`` -> float,
+    ``true`` -> bool, ``null`` -> None, ``[2,4]`` -> list), so they type-check like the file.
+    A bare ``--flag`` (followed by another option or nothing) means ``true``.
+    """
+    overrides: dict[str, Any] = {}
+    index = 0
+    args = list(args)
+    while index < len(args):
+        token = args[index]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(
+                f"command line: expected an option '--key value' or '--key=value', got {token!r}"
+            )
+        if "=" in token:
+            key, text = token[2:].split("=", 1)
+            index += 1
+        elif index + 1 < len(args) and not args[index + 1].startswith("--"):
+            key, text = token[2:], args[index + 1]
+            index += 2
+        else:
+            key, text = token[2:], "true"
+            index += 1
+        key = _canonical(key)
+        if key not in _FIELDS:
+            raise _unknown_key_error([key], "command line")
+        overrides[key] = _parse_value(key, text)
+    return overrides
+
+
+def _parse_value(key: str, text: str) -> Any:
+    hint = _HINTS[key]
+    # A string field keeps the text verbatim ("1e3" stays a string for e.g. a format name).
+    if hint is str:
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"command line: cannot parse the value of --{key}: {text!r}") from None
+    return value
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+) -> TrainConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (a mapping, or
+    command-line tokens for :func:`parse_overrides`)."""
+    config = TrainConfig()
+    if path is not None:
+        config = config_from_dict(read_yaml(path), config, source=os.fspath(path))
+    if overrides:
+        if not isinstance(overrides, Mapping):
+            overrides = parse_overrides(overrides)
+        config = config_from_dict(overrides, config, source="command line")
+    return config
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (an empty file is an empty mapping); ConfigError otherwise."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config file: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: config file is not UTF-8 text ({error.reason})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a YAML mapping of config keys, got {type(data).__name__}"
+        )
+    return data
+
+
+def dump_config(config: TrainConfig) -> str:
+    """The YAML text of a resolved config (round-trips through :func:`config_from_dict`)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,216 @@
+"""Evaluation: full-ranking leave-one-out metrics, routing and FLOPs of a model on a split.
+
+Protocol (also written into every metrics file): each user with >= 3 interactions has one
+target per split (test: the last item, valid: the second to last); the input is the last
+``max_len`` items before it. Every one of the N items is ranked (no sampled negatives); padding
+is never a candidate; by default the items of the input window are excluded (as the paper's
+code), so a repeated target counts as a miss. Ties rank optimistically (``canet.metrics``).
+Scores come from the PyTorch model (``model.score``) or from ``canet.Engine`` with any backend;
+both route with the router's argmax, so the metrics are identical.
+
+``canet evaluate RUN_DIR --data LOG [--split test|valid] [--backend model|auto|torch|cpu|...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import SequenceData
+from .engine import Engine
+from .errors import CanetError
+from .flops import flops, flops_router
+from .metrics import MetricAccumulator, target_ranks
+from .metrics import exclude_history as exclude_input
+from .model import CANet
+
+__all__ = ["evaluate", "write_metrics", "format_histogram", "add_arguments", "run"]
+
+
+def evaluate(
+    model: CANet,
+    data: SequenceData,
+    split: str = "test",
+    *,
+    ks: tuple[int, ...] | list[int] = (5, 10, 20),
+    exclude_history: bool = True,
+    batch_size: int = 256,
+    backend: str = "model",
+    engine: Engine | None = None,
+    fixed_config_id: int | None = None,
+) -> dict[str, Any]:
+    """Metrics of ``model`` on ``split`` of ``data`` as a JSON-able dict.
+
+    ``backend="model"`` scores with ``model.score``; any other value (or ``engine``) scores
+    through ``canet.Engine``. ``fixed_config_id`` routes every user to that config (the
+    full-size baseline); otherwise the router's argmax decides. Results do not depend on
+    ``batch_size``. Keys: ``split``, ``metrics`` ({"ndcg@10": ...}), ``num_users``,
+    ``num_items``, ``protocol``, ``routing`` (histogram over config ids), ``flops``, ``backend``.
+    """
+    if model.num_items != data.num_items or model.max_len != data.max_len:
+        raise CanetError(
+            f"model expects {model.num_items} items and max_len {model.max_len}, but the data has "
+            f"{data.num_items} items and max_len {data.max_len}; evaluate on the data it was "
+            "trained on (same file and filters)"
+        )
+    space = model.space
+    if fixed_config_id is not None and not 0 <= fixed_config_id < space.n_configs:
+        raise CanetError(
+            f"config id must be in [0, {space.n_configs - 1}], got {fixed_config_id}"
+        )
+    if engine is None and backend != "model":
+        engine = Engine(model, backend=backend)
+    was_training = model.training
+    model.eval()
+    device = model.supernet.out.weight.device
+    accumulator = MetricAccumulator(ks)
+    histogram = torch.zeros(space.n_configs, dtype=torch.int64)
+    try:
+        with torch.inference_mode():
+            for _, seqs, targets in data.eval_batches(split, batch_size):
+                seqs = seqs.to(device)
+                if fixed_config_id is not None:
+                    config_ids = torch.full((seqs.shape[0],), fixed_config_id, device=device)
+                elif engine is not None:
+                    config_ids = engine.route(seqs)
+                else:
+                    config_ids = model.route(seqs)
+                if engine is not None:
+                    scores = engine.score(seqs, config_ids)
+                else:
+                    scores = model.score(seqs, config_ids)
+                if exclude_history:
+                    scores = exclude_input(scores, seqs)
+                accumulator.add(target_ranks(scores.float(), targets.to(device)))
+                histogram += torch.bincount(config_ids.cpu(), minlength=space.n_configs)
+    finally:
+        model.train(was_training)
+    results = accumulator.compute()
+    num_users = int(results.pop("num_users"))
+    per_config = [flops(c, model.max_len, model.num_items) for c in space.configs]
+    counts = histogram.tolist()
+    mean_flops = sum(n * f for n, f in zip(counts, per_config, strict=True)) / num_users
+    largest = per_config[space.largest_id]
+    router = (
+        0 if fixed_config_id is not None
+        else flops_router(model.max_len, space.n_configs, model.arch["router_dim"])
+    )
+    return {
+        "split": split,
+        "metrics": results,
+        "num_users": num_users,
+        "num_items": model.num_items,
+        "protocol": {
+            "ranking": "full ranking over all items (no sampled negatives)",
+            "split": "leave-one-out: test = last item, valid = second to last",
+            "input": f"last {model.max_len} items before the target, left-padded",
+            "padding_excluded": True,
+            "exclude_history": (
+                "items of the input window excluded (as the paper's code)"
+                if exclude_history else False
+            ),
+            "ties": "optimistic (rank = number of strictly higher scores)",
+            "ks": list(ks),
+        },
+        "routing": {
+            "mode": (
+                "router argmax" if fixed_config_id is None else f"fixed config {fixed_config_id}"
+            ),
+            "histogram": counts,
+            "configs": [[c.depth, c.hidden, c.emb] for c in space.configs],
+        },
+        "flops": {
+            "mean_per_user": mean_flops,
+            "largest_per_user": largest,
+            "fraction_of_largest": mean_flops / largest,
+            "reduction_vs_largest": 1.0 - mean_flops / largest,
+            "router_per_user": router,
+            "reduction_vs_largest_with_router": 1.0 - (mean_flops + router) / largest,
+        },
+        "backend": "model" if engine is None else engine.backend,
+    }
+
+
+def format_histogram(histogram: list[int], top: int = 8) -> str:
+    """``"c5 40% (123), c0 12% (37), ..."``: the most used configs first."""
+    total = sum(histogram) or 1
+    used = sorted(
+        ((count, config_id) for config_id, count in enumerate(histogram) if count),
+        reverse=True,
+    )
+    shown = [f"c{i} {100 * n / total:.0f}% ({n})" for n, i in used[:top]]
+    if len(used) > top:
+        shown.append(f"+{len(used) - top} more configs")
+    return ", ".join(shown) if shown else "(no users)"
+
+
+def write_metrics(metrics: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``metrics`` as JSON to ``path`` (atomically: temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory (uses best/) or a checkpoint directory")
+    parser.add_argument("--data", required=True, help="the interaction log it was trained on")
+    parser.add_argument("--split", choices=("test", "valid"), default="test")
+    parser.add_argument(
+        "--backend", default="model",
+        help="'model' (PyTorch model.score) or a canet.Engine backend: auto, torch, cpu, ...",
+    )
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--include-history", action="store_true",
+                        help="do not exclude the input items from the ranking")
+    parser.add_argument("--output", help="metrics file (default: RUN_DIR/metrics.json)")
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from .checkpoint import load_checkpoint
+    from .train import load_data
+
+    if extra:
+        raise CanetError(f"evaluate: unknown arguments {extra}")
+    if args.batch_size < 1:
+        raise CanetError(f"--batch-size must be >= 1, got {args.batch_size}")
+    loaded = load_checkpoint(args.run_dir)
+    config = loaded.config
+    data = load_data(config, args.data)
+    if data.vocab != loaded.vocab:
+        raise CanetError(
+            f"{args.data}: its users/items differ from the checkpoint's vocab.json "
+            f"({data.num_items} vs {loaded.vocab.num_items} items); evaluate on the training data"
+        )
+    metrics = evaluate(
+        loaded.model, data, args.split, ks=config.ks,
+        exclude_history=config.exclude_history and not args.include_history,
+        batch_size=args.batch_size, backend=args.backend,
+        fixed_config_id=config.fixed_config_id(loaded.model.space),
+    )
+    metrics["checkpoint"] = str(loaded.path)
+    run_dir = Path(args.run_dir)
+    name = "metrics.json" if args.split == "test" else f"metrics_{args.split}.json"
+    default = (run_dir if (run_dir / "best").exists() or (run_dir / "last").exists()
+               else loaded.path) / name
+    output = write_metrics(metrics, args.output or default)
+    for name, value in metrics["metrics"].items():
+        print(f"{name:>10} {value:.4f}")
+    print(f"users {metrics['num_users']}, items {metrics['num_items']}, backend "
+          f"{metrics['backend']}, FLOPs {100 * metrics['flops']['fraction_of_largest']:.1f}% "
+          f"of largest")
+    print(f"routing: {format_histogram(metrics['routing']['histogram'])}")
+    print(f"-> {output}")
+    return 0

@@ -1,0 +1,286 @@
+"""Serving front end: external-id histories in, top-k external item ids out.
+
+    rec = canet.Recommender.from_pretrained("runs/ml100k", backend="auto")
+    rec.recommend({"alice": ["50", "172", "133"]}, k=10)
+    # {"alice": [("181", 3.2), ("174", 3.1), ...]}
+
+Histories are raw item tokens, so users never seen in training work. Unknown tokens are
+reported (``last_unknown`` and a warning), never silently dropped; histories longer than
+``max_len`` keep their most recent items. ``canet recommend RUN_DIR --input FILE -k 10 --output
+recs.csv`` is the command-line version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import Vocab, read_interactions
+from .engine import Engine
+from .errors import CanetError, DataFormatError
+from .model import CANet
+
+__all__ = ["Recommender", "read_histories", "add_arguments", "run"]
+
+Histories = Sequence[Sequence[Any]] | Mapping[Any, Sequence[Any]]
+Ranked = list[tuple[str, float]]
+
+
+class Recommender:
+    """Top-k recommendations from a trained checkpoint through ``canet.Engine``.
+
+    Args:
+        model: the trained CANet (its weights are shared with the engine, not copied).
+        vocab: external token <-> internal id mapping of the training data.
+        backend: ``canet.Engine`` backend ("auto", "torch", "cpu", ...).
+        fixed_config_id: route every user to this config (a fixed-config run); None = router.
+        batch_size: users scored at once.
+    """
+
+    def __init__(
+        self,
+        model: CANet,
+        vocab: Vocab,
+        backend: str = "auto",
+        fixed_config_id: int | None = None,
+        batch_size: int = 512,
+    ) -> None:
+        if vocab.num_items != model.num_items:
+            raise ValueError(
+                f"vocab has {vocab.num_items} items but the model {model.num_items}"
+            )
+        self.model = model.eval()
+        self.vocab = vocab
+        self.engine = Engine(model, backend=backend)
+        self.fixed_config_id = fixed_config_id
+        self.batch_size = batch_size
+        self.max_len = model.max_len
+        self.last_unknown: dict[Any, list[str]] = {}
+        self.last_config_ids: dict[Any, int] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], backend: str = "auto", device: str = "cpu"
+    ) -> Recommender:
+        """Load a run directory (its ``best/``) or a checkpoint directory."""
+        from .checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(path)
+        model = loaded.model.to(device)
+        fixed = loaded.config.fixed_config_id(model.space)
+        return cls(model, loaded.vocab, backend=backend, fixed_config_id=fixed)
+
+    @property
+    def backend(self) -> str:
+        return self.engine.backend
+
+    def recommend(
+        self,
+        histories: Histories,
+        k: int = 10,
+        exclude_history: bool = True,
+        on_empty: str = "error",
+    ) -> list[Ranked] | dict[Any, Ranked]:
+        """Top-k ``(item token, score)`` per history, best first.
+
+        Args:
+            histories: a list of histories (each a list of item tokens, oldest first) or a
+                dict user -> history; tokens are compared as strings.
+            k: items per user, 1..num_items. Fewer come back when exclusion leaves fewer.
+            exclude_history: never recommend an item of the user's (whole) history.
+            on_empty: what to do with a history with no known item: "error" (ValueError
+                naming it) or "skip" (that user gets an empty list).
+
+        Returns a list (for a list input) or a dict with the same keys (for a dict input).
+        Unknown tokens per user are in ``last_unknown`` (and reported with a warning); the
+        config each user was routed to is in ``last_config_ids``.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.vocab.num_items:
+            raise ValueError(f"k must be an int in [1, {self.vocab.num_items}], got {k!r}")
+        if on_empty not in ("error", "skip"):
+            raise ValueError(f"on_empty must be 'error' or 'skip', got {on_empty!r}")
+        if isinstance(histories, Mapping):
+            keys, sequences = list(histories.keys()), list(histories.values())
+        elif isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence):
+            raise ValueError(
+                "histories must be a list of item-token lists or a dict user -> list, got "
+                f"{type(histories).__name__}"
+            )
+        else:
+            keys, sequences = list(range(len(histories))), list(histories)
+        encoded: dict[Any, np.ndarray] = {}
+        self.last_unknown = {}
+        for key, history in zip(keys, sequences, strict=True):
+            if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+                raise ValueError(
+                    f"history of user {key!r} must be a list of item tokens, got "
+                    f"{type(history).__name__}"
+                )
+            ids, unknown = self.vocab.item_ids(str(token) for token in history)
+            if unknown:
+                self.last_unknown[key] = unknown
+            if len(ids) == 0:
+                if on_empty == "error":
+                    raise ValueError(
+                        f"history of user {key!r} has no item known to the model "
+                        f"({len(history)} token(s), unknown: {unknown[:5]})"
+                    )
+                continue
+            encoded[key] = ids
+        if self.last_unknown:
+            count = sum(len(v) for v in self.last_unknown.values())
+            warnings.warn(
+                f"{count} unknown item token(s) in {len(self.last_unknown)} history(ies) were "
+                "ignored (see Recommender.last_unknown)",
+                UserWarning,
+                stacklevel=2,
+            )
+        with torch.inference_mode():
+            ranked = self._rank(encoded, k, exclude_history)
+        results = {key: ranked.get(key, []) for key in keys}
+        return results if isinstance(histories, Mapping) else [results[key] for key in keys]
+
+    def _rank(
+        self, encoded: dict[Any, np.ndarray], k: int, exclude_history: bool
+    ) -> dict[Any, Ranked]:
+        keys = list(encoded)
+        out: dict[Any, Ranked] = {}
+        self.last_config_ids = {}
+        device = self.engine.device
+        for first in range(0, len(keys), self.batch_size):
+            chunk = keys[first : first + self.batch_size]
+            seqs = torch.zeros(len(chunk), self.max_len, dtype=torch.int64)
+            for row, key in enumerate(chunk):
+                recent = encoded[key][-self.max_len :]
+                seqs[row, self.max_len - len(recent) :] = torch.from_numpy(recent)
+            seqs = seqs.to(device)
+            config_ids = (
+                self.engine.route(seqs) if self.fixed_config_id is None
+                else torch.full((len(chunk),), self.fixed_config_id, device=device)
+            )
+            scores = self.engine.score(seqs, config_ids).float()
+            if exclude_history:
+                rows = torch.cat([
+                    torch.full((len(encoded[key]),), row, dtype=torch.int64)
+                    for row, key in enumerate(chunk)
+                ])
+                cols = torch.from_numpy(np.concatenate([encoded[key] for key in chunk]))
+                scores[rows.to(device), cols.to(device)] = float("-inf")
+            top = scores.topk(k, dim=-1)
+            for row, key in enumerate(chunk):
+                values = top.values[row].tolist()
+                ids = top.indices[row].tolist()
+                kept = [(i, v) for i, v in zip(ids, values, strict=True) if v != float("-inf")]
+                tokens = self.vocab.item_tokens([i for i, _ in kept])
+                out[key] = [(t, v) for t, (_, v) in zip(tokens, kept, strict=True)]
+                self.last_config_ids[key] = int(config_ids[row])
+        return out
+
+
+def read_histories(path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """User -> item tokens (oldest first) from a JSON file (a list of histories, or a dict
+    user -> history) or from an interaction log in any supported format."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096).lstrip()
+    except FileNotFoundError:
+        raise DataFormatError(path, None, "file not found") from None
+    except OSError as error:
+        raise DataFormatError(path, None, f"cannot read: {error.strerror or error}") from None
+    if path.endswith(".json") or head[:1] in (b"[", b"{"):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            line = getattr(error, "lineno", None)
+            raise DataFormatError(
+                path, line, f"expected JSON (a list of histories or a dict user -> history): "
+                f"{getattr(error, 'msg', error)}"
+            ) from None
+        if isinstance(data, list):
+            data = {str(index): history for index, history in enumerate(data)}
+        if not isinstance(data, dict):
+            raise DataFormatError(
+                path, None, f"expected a JSON list or object, got {type(data).__name__}"
+            )
+        histories = {}
+        for user, history in data.items():
+            if not isinstance(history, list) or not all(
+                isinstance(t, (str, int)) and not isinstance(t, bool) for t in history
+            ):
+                raise DataFormatError(
+                    path, None, f"history of user {user!r} must be a list of item ids "
+                    f"(strings or integers), got {json.dumps(history)[:60]}"
+                )
+            histories[str(user)] = [str(t) for t in history]
+        if not histories:
+            raise DataFormatError(path, None, "no histories in the file")
+        return histories
+    log = read_interactions(path)
+    order = np.lexsort((np.arange(len(log)), log.timestamps))  # by time, ties in file order
+    histories: dict[str, list[str]] = {}
+    for index in order:
+        histories.setdefault(str(log.users[index]), []).append(str(log.items[index]))
+    return histories
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory (uses best/) or a checkpoint directory")
+    parser.add_argument("--input", required=True,
+                        help="histories: an interaction log, or JSON (list, or dict user -> list)")
+    parser.add_argument("-k", type=int, default=10, help="items per user (default 10)")
+    parser.add_argument("--output", required=True, help="CSV: user_id,item_id,score,rank")
+    parser.add_argument("--backend", default="auto", help="canet.Engine backend (default auto)")
+    parser.add_argument("--include-history", action="store_true",
+                        help="allow recommending items already in the history")
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise CanetError(f"recommend: unknown arguments {extra}")
+    histories = read_histories(args.input)
+    recommender = Recommender.from_pretrained(args.run_dir, backend=args.backend)
+    if not 1 <= args.k <= recommender.vocab.num_items:
+        raise CanetError(f"-k must be in [1, {recommender.vocab.num_items}], got {args.k}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # reported per user below instead
+        results = recommender.recommend(
+            histories, k=args.k, exclude_history=not args.include_history, on_empty="skip"
+        )
+    for user, unknown in recommender.last_unknown.items():
+        shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        print(f"canet: warning: {args.input}: user {user}: {len(unknown)} unknown item(s) "
+              f"ignored: {shown}", file=sys.stderr)
+    skipped = [user for user, items in results.items() if not items]
+    for user in skipped:
+        print(f"canet: warning: {args.input}: user {user}: no known item in the history, "
+              "no recommendations", file=sys.stderr)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["user_id", "item_id", "score", "rank"])
+        for user, items in results.items():
+            for rank, (item, score) in enumerate(items, start=1):
+                writer.writerow([user, item, f"{score:.6g}", rank])
+    os.replace(tmp, output)
+    print(f"{len(results) - len(skipped)} users x top-{args.k} -> {output} "
+          f"(backend {recommender.backend})")
+    return 0

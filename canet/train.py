@@ -1,0 +1,499 @@
+"""Training: CANet (router + supernet, the paper's objective) or one fixed sub-network.
+
+``canet train --data LOG --out RUN_DIR [--config cfg.yaml] [--key value ...]`` writes::
+
+    RUN_DIR/config.yaml     the resolved config
+    RUN_DIR/best/           checkpoint with the best validation NDCG@10
+    RUN_DIR/last/           checkpoint after the last finished epoch (for --resume)
+    RUN_DIR/metrics.json    test metrics of best/ (written at the end)
+
+A CANet step (per batch of training windows ``seqs, targets [B, L]``)::
+
+    router_logits = router(seqs)                              # [B, C]
+    choice = gumbel_straight_through(router_logits, tau)      # [B, C] one-hot forward
+    loss = CE(logits_masked(seqs, choice), targets)
+         + w.guide * guide_loss(router_logits, smallest_hits(...), space, w)
+         + w.uniform * uniform_loss(router_logits)
+
+With ``fixed_config`` the step is plain CE through ``logits_sliced(seqs, config)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import (
+    ARCHITECTURE_KEYS,
+    TrainConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+    read_yaml,
+)
+from .config import parse_overrides as parse_config_overrides
+from .data import SequenceData, build_dataset, read_interactions
+from .errors import CanetError, CheckpointError
+from .evaluate import evaluate, format_histogram
+from .losses import guide_loss, next_item_loss, smallest_hits, uniform_loss
+from .model import CANet, gumbel_straight_through
+
+__all__ = [
+    "TrainResult",
+    "TrainingDivergedError",
+    "build_model",
+    "load_data",
+    "step_loss",
+    "train",
+    "add_arguments",
+    "run",
+]
+
+Log = Callable[[str], None]
+
+
+class TrainingDivergedError(CanetError):
+    """More NaN/inf losses or gradients than ``max_bad_steps`` allows."""
+
+
+@dataclass
+class TrainResult:
+    """What a training run did; the checkpoints are under ``run_dir``."""
+
+    run_dir: Path
+    best_score: float | None
+    best_epoch: int | None
+    epochs_done: int
+    stopped_early: bool
+    skipped_steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_data(config: TrainConfig, path: str | os.PathLike[str]) -> SequenceData:
+    """Read and split the interaction log at ``path`` with the config's data options."""
+    log = read_interactions(path, format=config.format, column_map=config.column_map)
+    return build_dataset(
+        log, config.max_len, min_user_inter=config.min_user_inter,
+        min_item_inter=config.min_item_inter,
+    )
+
+
+def build_model(config: TrainConfig, num_items: int) -> CANet:
+    """A freshly initialised CANet for ``num_items`` items (uses the global torch RNG)."""
+    return CANet(
+        num_items,
+        config.max_len,
+        config.routing_space(),
+        dropout=config.dropout,
+        router_dim=config.router_dim,
+        router_heads=config.router_heads,
+        residual_scaling=config.residual_scaling,
+    )
+
+
+def step_loss(
+    model: CANet,
+    seqs: Tensor,
+    targets: Tensor,
+    config: TrainConfig,
+    tau: float,
+    noise: torch.Generator | None,
+    fixed_config_id: int | None = None,
+) -> tuple[Tensor, dict[str, float], Tensor | None]:
+    """Loss of one training batch. seqs, targets ``[B, L]`` int64 (0 = padding / no target).
+
+    Returns (scalar loss, {part: value} for logging, sampled config ids ``[B]`` or None).
+    """
+    if fixed_config_id is not None:
+        logits = model.logits_sliced(seqs, model.space.configs[fixed_config_id])
+        loss = next_item_loss(logits, targets)
+        return loss, {"next_item": float(loss.detach())}, None
+    weights = config.loss_weights()
+    if config.validate_router_input:
+        router_logits = model.router(seqs)
+    else:
+        router_logits = model.router.logits_unchecked(seqs)
+    choice = gumbel_straight_through(router_logits, tau, noise)
+    ce = next_item_loss(model.logits_masked(seqs, choice), targets)
+    # Windows end at a real item, so the last target is always real (the guide needs it).
+    hits = smallest_hits(model, seqs, targets[:, -1], k=weights.guide_k)
+    guide = guide_loss(router_logits, hits, model.space, weights)
+    uniform = uniform_loss(router_logits)
+    loss = ce + weights.guide * guide + weights.uniform * uniform
+    parts = {
+        "next_item": float(ce.detach()),
+        "guide": float(guide.detach()),
+        "uniform": float(uniform.detach()),
+    }
+    return loss, parts, choice.detach().argmax(dim=-1)
+
+
+def _gradients_finite(model: CANet) -> bool:
+    return all(
+        bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None
+    )
+
+
+class _Run:
+    """The mutable state of one training run (so resume can restore every piece of it)."""
+
+    def __init__(self, config: TrainConfig, data: SequenceData, run_dir: Path, log: Log) -> None:
+        self.config = config
+        self.data = data
+        self.run_dir = run_dir
+        self.log = log
+        space = config.routing_space()
+        self.fixed_id = config.fixed_config_id(space)
+        self.device = torch.device(config.device)
+        random.seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        torch.manual_seed(config.seed)
+        self.generators = {
+            "data": torch.Generator().manual_seed(config.seed),
+            "noise": torch.Generator(device=self.device).manual_seed(config.seed + 1),
+        }
+        self.model = build_model(config, data.num_items).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer,
+            step_size=max(1, config.lr_step_size),
+            gamma=config.lr_gamma if config.lr_step_size > 0 else 1.0,
+        )
+        self.epoch = 0  # finished epochs
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.validations_without_gain = 0
+        self.skipped_steps = 0
+        self.stopped_early = False
+        self.history: list[dict[str, Any]] = []
+
+    # -- persistence ---------------------------------------------------------------------------
+    def trainer_state(self) -> dict[str, Any]:
+        rng_json, _ = ckpt.capture_rng_state(self.generators)
+        return {
+            "epoch": self.epoch,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "validations_without_gain": self.validations_without_gain,
+            "skipped_steps": self.skipped_steps,
+            "stopped_early": self.stopped_early,
+            "history": self.history,
+            "rng": rng_json,
+        }
+
+    def optimizer_state(self) -> dict[str, Any]:
+        _, rng_tensors = ckpt.capture_rng_state(self.generators)
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_tensors,
+        }
+
+    def save(self, name: str) -> None:
+        ckpt.save_checkpoint(
+            self.run_dir / name, self.model, self.config, self.data.vocab,
+            self.trainer_state(), self.optimizer_state(),
+        )
+
+    def restore(self, directory: Path) -> None:
+        """Weights, optimizer, scheduler, counters and every RNG from ``directory``."""
+        ckpt.load_model_weights(directory, self.model)
+        state, tensors = ckpt.load_training_state(directory)
+        try:
+            self.optimizer.load_state_dict(tensors["optimizer"])
+            self.scheduler.load_state_dict(tensors["scheduler"])
+            ckpt.restore_rng_state(state["rng"], tensors["rng"], self.generators)
+            self.epoch = int(state["epoch"])
+            self.best_score = state["best_score"]
+            self.best_epoch = state["best_epoch"]
+            self.validations_without_gain = int(state["validations_without_gain"])
+            self.skipped_steps = int(state["skipped_steps"])
+            self.stopped_early = bool(state["stopped_early"])
+            self.history = list(state["history"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(
+                f"{directory}: training state does not fit this run ({error!r})"
+            ) from None
+
+    # -- one epoch -----------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, Any]:
+        config, model = self.config, self.model
+        model.train()
+        tau = config.tau(self.epoch)
+        total = self.data.num_train_batches(config.batch_size)
+        batches = self.data.train_batches(config.batch_size, self.generators["data"])
+        loss_sum, parts_sum, steps, skipped = 0.0, {}, 0, 0
+        sampled = torch.zeros(model.space.n_configs, dtype=torch.int64)
+        started = time.perf_counter()
+        bar = tqdm(
+            batches, total=total, desc=f"epoch {self.epoch + 1}/{config.epochs}",
+            disable=not config.progress, leave=False, dynamic_ncols=True,
+        )
+        for seqs, targets in bar:
+            seqs, targets = seqs.to(self.device), targets.to(self.device)
+            loss, parts, chosen = step_loss(
+                model, seqs, targets, config, tau, self.generators["noise"], self.fixed_id
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                finite = _gradients_finite(model)
+            if not finite:
+                # Skip rather than step: one bad batch must not poison Adam's moments.
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                self.skipped_steps += 1
+                if self.skipped_steps > config.max_bad_steps:
+                    raise TrainingDivergedError(
+                        f"training stopped: {self.skipped_steps} steps had a NaN/inf loss or "
+                        f"gradient (max_bad_steps={config.max_bad_steps}); try a lower lr "
+                        f"(now {config.lr}) or check the data"
+                    )
+                continue
+            self.optimizer.step()
+            steps += 1
+            loss_sum += float(loss.detach())
+            for name, value in parts.items():
+                parts_sum[name] = parts_sum.get(name, 0.0) + value
+            if chosen is not None:
+                sampled += torch.bincount(chosen.cpu(), minlength=model.space.n_configs)
+            bar.set_postfix(loss=f"{loss_sum / steps:.4f}", refresh=False)
+        bar.close()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return {
+            "epoch": self.epoch + 1,
+            "loss": loss_sum / steps if steps else math.nan,
+            **{name: value / steps for name, value in parts_sum.items()},
+            "tau": tau,
+            "lr": lr,
+            "steps": steps,
+            "skipped_steps": skipped,
+            "train_seconds": time.perf_counter() - started,
+            "sampled_histogram": sampled.tolist() if self.fixed_id is None else None,
+        }
+
+    def validate(self) -> dict[str, Any]:
+        return evaluate(
+            self.model, self.data, "valid", ks=self.config.ks,
+            exclude_history=self.config.exclude_history,
+            batch_size=self.config.eval_batch_size, fixed_config_id=self.fixed_id,
+        )
+
+
+def _check_resumable(saved: TrainConfig, requested: TrainConfig, directory: Path) -> None:
+    changed = [
+        f"{key}: {getattr(saved, key)!r} -> {getattr(requested, key)!r}"
+        for key in ARCHITECTURE_KEYS
+        if getattr(saved, key) != getattr(requested, key)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{directory}: cannot resume with a changed architecture or data setup ("
+            + "; ".join(changed) + "); start a new run directory instead"
+        )
+
+
+def train(
+    config: TrainConfig,
+    data: SequenceData,
+    run_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Log = print,
+) -> TrainResult:
+    """Train (or resume) a run into ``run_dir``; see the module docstring for the layout.
+
+    Raises CheckpointError when ``run_dir`` already holds a run and neither ``resume`` nor
+    ``overwrite`` is set, or when resuming would change the architecture or the data;
+    TrainingDivergedError after more than ``config.max_bad_steps`` non-finite steps.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for action in ckpt.cleanup_leftovers(run_dir):
+        log(f"canet: {action}")
+    has_run = any((run_dir / name).exists() for name in ("best", "last"))
+    if has_run and not (resume or overwrite):
+        raise CheckpointError(
+            f"{run_dir}: already holds a training run (best/ or last/); pass --resume to "
+            "continue it or --overwrite to start a new one there"
+        )
+    if resume and not (run_dir / "last").exists():
+        raise CheckpointError(f"{run_dir / 'last'}: no checkpoint to resume from")
+
+    threads_before = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(config, data, run_dir, resume, log)
+    finally:
+        torch.set_num_threads(threads_before)  # the setting is process-wide: give it back
+
+
+def _train(
+    config: TrainConfig, data: SequenceData, run_dir: Path, resume: bool, log: Log
+) -> TrainResult:
+    run = _Run(config, data, run_dir, log)
+    if resume:
+        last = run_dir / "last"
+        saved = ckpt.load_checkpoint(last, model=None)
+        _check_resumable(saved.config, config, last)
+        if saved.vocab != data.vocab:
+            raise CheckpointError(
+                f"{last}: the data's users/items differ from the checkpoint's vocab.json; "
+                "resume with the same data file and filters"
+            )
+        if saved.model.arch != run.model.arch:
+            change = ckpt.describe_arch_change(saved.model.arch, run.model.arch)
+            raise CheckpointError(f"{last}: {change}")
+        run.restore(last)
+        log(f"resumed {last} after epoch {run.epoch} (best ndcg@10 {run.best_score})")
+    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+
+    space = run.model.space
+    if run.fixed_id is None:
+        mode = "CANet (routed)"
+    else:
+        mode = f"fixed config {run.fixed_id} {space.configs[run.fixed_id]}"
+    params = sum(p.numel() for p in run.model.parameters())
+    log(
+        f"training {mode}: {data.num_users} users, {data.num_items} items, "
+        f"{len(data.sample_users)} training windows, max_len {config.max_len}, "
+        f"{space.n_configs} configs, {params:,} parameters"
+    )
+    while run.epoch < config.epochs and not run.stopped_early:
+        record = run.train_epoch()
+        run.epoch += 1
+        is_last = run.epoch == config.epochs
+        validation = None
+        if run.epoch % config.eval_every == 0 or is_last:
+            validation = run.validate()
+            score = validation["metrics"]["ndcg@10"]
+            record["valid"] = validation["metrics"]
+            record["valid_flops_fraction"] = validation["flops"]["fraction_of_largest"]
+            record["valid_histogram"] = validation["routing"]["histogram"]
+            improved = run.best_score is None or score > run.best_score
+            if improved:
+                run.best_score, run.best_epoch = score, run.epoch
+                run.validations_without_gain = 0
+            else:
+                run.validations_without_gain += 1
+                if config.patience and run.validations_without_gain >= config.patience:
+                    run.stopped_early = True
+            run.history.append(record)
+            if improved:
+                run.save("best")
+        else:
+            run.history.append(record)
+        run.save("last")
+        log(_epoch_line(record, validation, run, config))
+        if validation is not None and run.fixed_id is None:
+            log("  routing (valid users): " + format_histogram(validation["routing"]["histogram"]))
+    if run.stopped_early:
+        log(f"early stop: no gain in {config.patience} validations; best epoch {run.best_epoch}")
+    return TrainResult(
+        run_dir, run.best_score, run.best_epoch, run.epoch, run.stopped_early,
+        run.skipped_steps, run.history,
+    )
+
+
+def _epoch_line(
+    record: dict[str, Any], validation: dict | None, run: _Run, config: TrainConfig
+) -> str:
+    line = f"epoch {record['epoch']}/{config.epochs}  loss {record['loss']:.4f}"
+    if "guide" in record:
+        line += (
+            f" (next-item {record['next_item']:.4f}, guide {record['guide']:.3f}, "
+            f"uniform {record['uniform']:.3f})  tau {record['tau']:.3f}"
+        )
+    line += f"  lr {record['lr']:.2e}  skipped {record['skipped_steps']}"
+    line += f"  {record['train_seconds']:.1f}s"
+    if validation is not None:
+        best = " *" if run.best_epoch == record["epoch"] else ""
+        line += f"  | valid ndcg@10 {validation['metrics']['ndcg@10']:.4f}{best}"
+        line += f"  flops {100 * validation['flops']['fraction_of_largest']:.1f}% of largest"
+    return line
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="interaction log (any supported format)")
+    parser.add_argument("--out", help="run directory (checkpoints, config, metrics)")
+    parser.add_argument("--config", help="YAML config file (keys: see docs/training.md)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR/last")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in a directory that already holds one")
+    parser.add_argument("--no-test", action="store_true",
+                        help="skip the final test evaluation of best/")
+    parser.epilog = (
+        "Any config key can be given as --key value or --key=value, e.g. --epochs 3 "
+        "--fixed-config largest --lr=1e-3 (see docs/training.md)."
+    )
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    """``canet train``: returns the exit status."""
+    from .evaluate import write_metrics
+
+    overrides = parse_config_overrides(extra)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.out and Path(args.out) != run_dir:
+            raise CanetError(f"--out {args.out} differs from --resume {args.resume}")
+        last = run_dir / "last"
+        ckpt.cleanup_leftovers(run_dir)
+        saved = ckpt.load_checkpoint(last).config if last.exists() else None
+        if saved is None:
+            raise CheckpointError(f"{last}: no checkpoint to resume from")
+        config = saved
+        if args.config:
+            config = config_from_dict(read_yaml(args.config), config, source=args.config)
+        if overrides:
+            config = config_from_dict(overrides, config, source="command line")
+    else:
+        if not args.out:
+            raise CanetError("train needs --out RUN_DIR (or --resume RUN_DIR)")
+        run_dir = Path(args.out)
+        config = load_config(args.config, overrides)
+    data = load_data(config, args.data)
+    result = train(config, data, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
+    print(
+        f"done: {result.epochs_done} epochs, best valid ndcg@10 "
+        f"{result.best_score if result.best_score is None else round(result.best_score, 4)} "
+        f"at epoch {result.best_epoch}, skipped steps {result.skipped_steps}"
+    )
+    if not args.no_test and result.best_epoch is not None:
+        loaded = ckpt.load_checkpoint(run_dir / "best")
+        metrics = evaluate(
+            loaded.model, data, "test", ks=config.ks, exclude_history=config.exclude_history,
+            batch_size=config.eval_batch_size,
+            fixed_config_id=config.fixed_config_id(loaded.model.space),
+        )
+        metrics["checkpoint"] = str(run_dir / "best")
+        write_metrics(metrics, run_dir / "metrics.json")
+        shown = {k: round(v, 4) for k, v in metrics["metrics"].items() if k.endswith("@10")}
+        print(f"test (best/): {json.dumps(shown)} -> {run_dir / 'metrics.json'}")
+    return 0
+

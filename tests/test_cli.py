@@ -1,0 +1,198 @@
+"""Tests for the canet command: exit status 2 and one-line messages for every bad input,
+the train -> evaluate -> recommend path, bench passthrough and the quick demo."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from canet import cli
+from canet.data import synthetic_log
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--max-len", "8", "--depths=[1,2]", "--hidden=[8,16]", "--emb=[8,16]",
+             "--heads", "2", "--router-dim", "8", "--router-heads", "2", "--epochs", "1",
+             "--batch-size", "32", "--progress", "false", "--threads", "1"]
+
+
+def _write_log(path: Path, users: int = 40, items: int = 20, seed: int = 0) -> Path:
+    log = synthetic_log(users, items, seed, seq_len=(5, 12))
+    rows = zip(log.users, log.items, log.timestamps, strict=True)
+    path.write_text("user_id,item_id,timestamp\n"
+                    + "".join(f"{u},{i},{int(t)}\n" for u, i, t in rows))
+    return path
+
+
+def _fail(capsys, argv) -> str:
+    status = cli.main(argv)
+    captured = capsys.readouterr()
+    assert status == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("canet: error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = _write_log(root / "log.csv")
+    assert cli.main(["train", "--data", str(data), "--out", str(root / "run"), *TINY_ARGS]) == 0
+    return root, data
+
+
+def _run_module(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "canet", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_subprocess_missing_file_and_unknown_key(tmp_path) -> None:
+    missing = tmp_path / "nope.inter"
+    done = _run_module("train", "--data", str(missing), "--out", str(tmp_path / "r"))
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"canet: error: {missing}: file not found"
+    log = _write_log(tmp_path / "log.csv")
+    done = _run_module("train", "--data", str(log), "--out", str(tmp_path / "r"), "--lrate=1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "unknown config key(s) 'lrate'; valid keys:" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("empty.csv", "", "file is empty"),
+        ("weird.txt", "a b c\n", ":1: cannot detect the format"),
+        ("bad.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n1\t2\n",
+         ":3: expected 3 tab-separated fields"),
+        ("time.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\tnoon\n",
+         ":2: timestamp 'noon' is not a number"),
+        ("nouser.csv", "uid,item_id,timestamp\n1,2,3\n", ":1: header has no user column"),
+        ("short.csv", "user_id,item_id\n1,2\n1,3\n2,2\n", "no user has at least 3 interactions"),
+    ],
+)
+def test_bad_data_files(tmp_path, capsys, name, content, expected) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    message = _fail(capsys, ["train", "--data", str(path), "--out", str(tmp_path / "r")])
+    assert str(path) in message and expected in message
+
+
+def test_bad_config_values(tmp_path, capsys) -> None:
+    log = _write_log(tmp_path / "log.csv")
+    base = ["train", "--data", str(log), "--out", str(tmp_path / "r")]
+    assert "fixed_config id must be in [0, 35]" in _fail(capsys, [*base, "--fixed-config", "99"])
+    assert "'epochs' expects int" in _fail(capsys, [*base, "--epochs=many"])
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("epochs: 2\nbogus: 1\n")
+    assert f"{cfg}: unknown config key(s) 'bogus'" in _fail(capsys, [*base, "--config", str(cfg)])
+
+
+def test_bad_checkpoints(trained, tmp_path, capsys) -> None:
+    root, log = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "run" / "best", broken)
+    (broken / "optimizer.pt").unlink()
+    (broken / "vocab.json").unlink()
+    message = _fail(capsys, ["evaluate", str(broken), "--data", str(log)])
+    assert f"{broken / 'vocab.json'}: missing" in message
+    # A model.safetensors from another model dropped into this checkpoint.
+    other_log = _write_log(tmp_path / "other.csv", users=30, items=25, seed=5)
+    assert cli.main(["train", "--data", str(other_log), "--out", str(tmp_path / "other"),
+                     *TINY_ARGS]) == 0
+    capsys.readouterr()
+    mixed = tmp_path / "mixed"
+    shutil.copytree(root / "run" / "best", mixed)
+    shutil.copy(tmp_path / "other" / "best" / "model.safetensors", mixed / "model.safetensors")
+    message = _fail(capsys, ["evaluate", str(mixed), "--data", str(log)])
+    assert str(mixed / "model.safetensors") in message and "num_items" in message
+    # Evaluating on data the model was not trained on.
+    message = _fail(capsys, ["evaluate", str(root / "run"), "--data", str(other_log)])
+    assert str(other_log) in message
+    assert "not found" in _fail(capsys, ["recommend", str(tmp_path / "nowhere"), "--input",
+                                         str(log), "--output", str(tmp_path / "o.csv")])
+
+
+def test_usage_errors_are_one_line_too(capsys) -> None:
+    assert "required: --data" in _fail(capsys, ["train", "--out", "x"])
+    assert "invalid choice" in _fail(capsys, ["frobnicate"])
+
+
+def test_evaluate_model_and_engine_agree(trained, tmp_path, capsys) -> None:
+    root, log = trained
+    run = root / "run"
+    assert cli.main(["evaluate", str(run), "--data", str(log), "--output",
+                     str(tmp_path / "m.json")]) == 0
+    assert cli.main(["evaluate", str(run), "--data", str(log), "--backend", "torch",
+                     "--output", str(tmp_path / "e.json")]) == 0
+    by_model = json.loads((tmp_path / "m.json").read_text())
+    by_engine = json.loads((tmp_path / "e.json").read_text())
+    assert by_model["metrics"] == by_engine["metrics"] and by_engine["backend"] == "torch"
+    assert by_model["protocol"]["padding_excluded"] is True
+    assert (run / "metrics.json").exists()  # written by train (test split of best/)
+    assert "ndcg@10" in capsys.readouterr().out
+
+
+def test_recommend_csv_and_unknown_items(trained, tmp_path, capsys) -> None:
+    root, _ = trained
+    histories = tmp_path / "h.json"
+    histories.write_text(json.dumps({"alice": ["i1", "i2", "zzz"], "bob": ["i4"],
+                                     "ghost": ["nope"]}))
+    output = tmp_path / "recs.csv"
+    assert cli.main(["recommend", str(root / "run"), "--input", str(histories), "-k", "3",
+                     "--output", str(output), "--backend", "torch"]) == 0
+    err = capsys.readouterr().err
+    assert "user alice: 1 unknown item(s) ignored: zzz" in err
+    assert "user ghost: no known item" in err
+    rows = list(csv.DictReader(output.open()))
+    assert list(rows[0]) == ["user_id", "item_id", "score", "rank"]
+    assert [(r["user_id"], r["rank"]) for r in rows] == [
+        ("alice", "1"), ("alice", "2"), ("alice", "3"), ("bob", "1"), ("bob", "2"), ("bob", "3")
+    ]
+    assert not {"i1", "i2"} & {r["item_id"] for r in rows if r["user_id"] == "alice"}
+
+
+def test_resume_through_the_cli(trained, tmp_path, capsys) -> None:
+    root, log = trained
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    assert cli.main(["train", "--data", str(log), "--resume", str(run), "--epochs", "2",
+                     "--no-test"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    message = _fail(capsys, ["train", "--data", str(log), "--resume", str(run), "--hidden=[8,32]"])
+    assert "changed architecture" in message and "hidden" in message
+    assert "already holds a training run" in _fail(
+        capsys, ["train", "--data", str(log), "--out", str(run), *TINY_ARGS]
+    )
+
+
+def test_bench_passthrough(monkeypatch, capsys) -> None:
+    seen = {}
+    fake = types.ModuleType("canet.bench")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "canet.bench", fake)
+    assert cli.main(["bench", "--quick", "-x"]) == 0
+    assert seen["argv"] == ["--quick", "-x"]
+    monkeypatch.setitem(sys.modules, "canet.bench", None)
+    assert cli.main(["bench"]) == 2
+    assert "'bench' is not available" in capsys.readouterr().err
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys) -> None:
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path), "--backend", "torch",
+                     "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "CANet demo summary" in out and "speedup" in out and "FLOPs reduction" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["canet"]) >= {"ndcg@10", "recall@10"}
+    assert sum(summary["routing_histogram"]) == summary["num_users"]
+    assert (tmp_path / "canet" / "best" / "model.safetensors").exists()
+    assert (tmp_path / "full" / "metrics.json").exists()

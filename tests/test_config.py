@@ -1,0 +1,103 @@
+"""Tests for canet.config: YAML + command-line overrides, unknown keys, types, ranges."""
+
+from __future__ import annotations
+
+import pytest
+
+from canet.config import (
+    TrainConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_overrides,
+    read_yaml,
+)
+from canet.errors import ConfigError
+
+
+def test_both_override_syntaxes_give_the_same_config() -> None:
+    spaced = load_config(None, ["--epochs", "3", "--lr", "0.01", "--fixed-config", "largest"])
+    joined = load_config(None, ["--epochs=3", "--lr=0.01", "--fixed_config=largest"])
+    assert spaced == joined
+    assert spaced.epochs == 3 and spaced.lr == 0.01 and spaced.fixed_config == "largest"
+
+
+def test_override_values_are_typed_like_yaml() -> None:
+    overrides = parse_overrides(["--depths=[1,2]", "--exclude-history", "false", "--format=null",
+                                 "--progress"])
+    assert overrides == {"depths": [1, 2], "exclude_history": False, "format": None,
+                         "progress": True}
+    assert parse_overrides(["--device", "cpu"]) == {"device": "cpu"}
+
+
+def test_yaml_then_overrides(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("epochs: 7\nbatch_size: 16\nhidden: [8, 16]\nemb: [8, 16]\nheads: 2\n")
+    config = load_config(path, ["--epochs", "2"])
+    assert (config.epochs, config.batch_size, config.hidden) == (2, 16, [8, 16])
+
+
+def test_unknown_key_is_rejected_with_the_valid_keys(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="unknown config key.*'epoch'.*valid keys: .*epochs"):
+        load_config(None, ["--epoch=3"])
+    path = tmp_path / "cfg.yaml"
+    path.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=f"{path}.*'learning_rate'.*valid keys"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epochs": "three"}, "'epochs' expects int, got 'three'"),
+        ({"epochs": 2.5}, "'epochs' expects int"),
+        ({"lr": True}, "'lr' expects number"),
+        ({"depths": [1, "x"]}, r"'depths\[1\]' expects int"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"dropout": 1.5}, "dropout must be in"),
+        ({"fixed_config": 36}, r"fixed_config id must be in \[0, 35\]"),
+        ({"fixed_config": "medium"}, "fixed_config must be 'largest', 'smallest'"),
+        ({"hidden": [64, 96, 130]}, "divisible by heads"),
+        ({"format": "parquet"}, "format must be one of"),
+    ],
+)
+def test_wrong_values_are_rejected(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(overrides)
+
+
+def test_int_accepted_for_float_and_config_id_by_number() -> None:
+    config = config_from_dict({"lr": 1, "fixed_config": 3})
+    assert config.lr == 1.0 and isinstance(config.lr, float)
+    assert config.fixed_config_id() == 3
+    assert config_from_dict({"fixed_config": "smallest"}).fixed_config_id() == 0
+    assert TrainConfig().fixed_config_id() is None
+
+
+def test_dump_round_trips(tmp_path) -> None:
+    config = config_from_dict({"epochs": 4, "column_map": {"user": "uid", "item": "iid"}})
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(config))
+    assert config_from_dict(read_yaml(path)) == config
+
+
+def test_bad_yaml_names_the_file_and_line(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("epochs: 3\nlr: [1, 2\n")
+    with pytest.raises(ConfigError, match=f"{path}:"):
+        load_config(path)
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a YAML mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_tau_annealing() -> None:
+    config = config_from_dict({"tau_start": 2.0, "tau_end": 0.5, "tau_decay": 0.5})
+    assert [config.tau(e) for e in range(4)] == [2.0, 1.0, 0.5, 0.5]
+
+
+def test_positional_token_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="expected an option"):
+        parse_overrides(["3"])

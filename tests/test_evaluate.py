@@ -1,0 +1,76 @@
+"""Tests for canet.evaluate: model vs Engine, batch-size independence, protocol, FLOPs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from canet.config import config_from_dict
+from canet.data import build_dataset, synthetic_log
+from canet.evaluate import evaluate, format_histogram, write_metrics
+from canet.flops import flops
+from canet.train import build_model
+
+TINY = {"max_len": 8, "depths": [1, 2], "hidden": [8, 16], "emb": [8, 16], "heads": 2,
+        "router_dim": 8, "router_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = config_from_dict(TINY)
+    data = build_dataset(synthetic_log(70, 25, 1, seq_len=(5, 20)), config.max_len)
+    torch.manual_seed(0)
+    model = build_model(config, data.num_items).eval()
+    with torch.no_grad():  # spread the routing over several configs
+        model.router.head.weight.normal_(0, 2.0)
+    return data, model
+
+
+def test_model_and_engine_give_identical_metrics(setup) -> None:
+    data, model = setup
+    through_model = evaluate(model, data, "test", backend="model")
+    through_engine = evaluate(model, data, "test", backend="torch")
+    assert through_engine["backend"] == "torch" and through_model["backend"] == "model"
+    assert through_model["metrics"] == through_engine["metrics"]
+    assert through_model["routing"] == through_engine["routing"]
+    assert sum(1 for n in through_model["routing"]["histogram"] if n) > 1
+
+
+def test_results_do_not_depend_on_batch_size(setup) -> None:
+    data, model = setup
+    big = evaluate(model, data, "valid", batch_size=512)
+    small = evaluate(model, data, "valid", batch_size=7)
+    assert big["metrics"] == pytest.approx(small["metrics"], abs=1e-12)
+    assert big["routing"]["histogram"] == small["routing"]["histogram"]
+
+
+def test_report_contents_and_flops(setup, tmp_path) -> None:
+    data, model = setup
+    result = evaluate(model, data, "test", ks=(5, 10, 20))
+    assert result["num_users"] == len(data.eval_users("test"))
+    assert result["num_items"] == data.num_items
+    assert {f"{m}@{k}" for m in ("recall", "ndcg", "mrr", "hit") for k in (5, 10, 20)} == set(
+        result["metrics"]
+    )
+    assert result["protocol"]["padding_excluded"] is True
+    assert "input window" in result["protocol"]["exclude_history"]
+    histogram = result["routing"]["histogram"]
+    per_config = [flops(c, model.max_len, model.num_items) for c in model.space.configs]
+    expected = sum(n * f for n, f in zip(histogram, per_config, strict=True)) / sum(histogram)
+    assert result["flops"]["mean_per_user"] == pytest.approx(expected)
+    assert result["flops"]["reduction_vs_largest"] == pytest.approx(1 - expected / per_config[-1])
+    path = write_metrics(result, tmp_path / "metrics.json")
+    assert json.loads(path.read_text())["protocol"]["ks"] == [5, 10, 20]
+    assert "%" in format_histogram(histogram)
+
+
+def test_fixed_config_and_history_switch(setup) -> None:
+    data, model = setup
+    fixed = evaluate(model, data, "test", fixed_config_id=model.space.largest_id)
+    assert fixed["routing"]["histogram"][-1] == fixed["num_users"]
+    assert fixed["flops"]["reduction_vs_largest"] == 0.0
+    kept = evaluate(model, data, "test", exclude_history=False)
+    assert kept["protocol"]["exclude_history"] is False
+    assert kept["metrics"] != evaluate(model, data, "test")["metrics"]
