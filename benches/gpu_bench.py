@@ -3,8 +3,8 @@
 Times ``[B, N+1]`` scoring of a batch with given config ids (the router is excluded everywhere)
 for B in {256, 4096}, L = 50, N in {3000, 40000} and three routing mixes:
 
-* ``paper``: config c drawn with probability proportional to 1 / FLOPs(c), a stand-in for the
-  paper's skew towards small sub-networks (replace with the measured histogram when known);
+* ``paper``: skewed toward small configs with mean FLOPs ~40% of the largest (the paper's
+  55-65% reduction); defined once in :mod:`canet.bench`;
 * ``uniform``: every config equally likely;
 * ``largest``: every user on the largest config (the all-largest reference).
 
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from canet import CANet, Engine, RoutingSpace, flops, ops
+from canet.bench import make_config_ids
 
 METHODS = ("dense", "masked", "torch", "torch_graph", "triton", "triton_graph")
 MIXES = ("paper", "uniform", "largest")
@@ -61,14 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def mix_ids(mix: str, space: RoutingSpace, batch: int, max_len: int, items: int, seed: int = 0):
-    """Config ids ``[B]`` (CPU int64) of one routing mix."""
-    g = torch.Generator().manual_seed(seed)
-    if mix == "largest":
-        return torch.full((batch,), space.largest_id, dtype=torch.int64)
-    if mix == "uniform":
-        return torch.randint(0, len(space), (batch,), generator=g)
-    cost = torch.tensor([flops(c, max_len, items) for c in space.configs], dtype=torch.float64)
-    return torch.multinomial(1.0 / cost, batch, replacement=True, generator=g)
+    """Config ids ``[B]`` (CPU int64) of one routing mix: the CPU benchmark's generators
+    (:func:`canet.bench.make_config_ids`), so both machines measure the same mixes."""
+    return make_config_ids(mix, batch, space, seq_len=max_len, num_items=items, seed=seed)
 
 
 def flops_fraction(ids: torch.Tensor, space: RoutingSpace, max_len: int, items: int) -> float:

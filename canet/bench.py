@@ -154,47 +154,40 @@ def config_fractions(space: RoutingSpace, seq_len: int, num_items: int) -> Tenso
     return costs / costs[space.largest_id]
 
 
+PAPER_SMALL_RATIO = 0.8  # geometric decay over the FLOPs rank of the "easy users" component
+
+
 def paper_weights(
     space: RoutingSpace,
     seq_len: int = SEQ_LEN,
     num_items: int = NUM_ITEMS,
     target: float = PAPER_FLOPS_FRACTION,
 ) -> Tensor:
-    """Probabilities ``[C]`` of the ``paper`` mix: geometric in the FLOPs rank, tuned so the
-    expected FLOPs fraction (mean FLOPs / largest FLOPs) equals ``target``.
+    """Probabilities ``[C]`` of the ``paper`` mix: most users on small configs, a minority on
+    the largest, with expected FLOPs fraction (mean FLOPs / largest FLOPs) equal to ``target``.
 
-    Configs are ranked by FLOPs (cheapest = rank 0, ties by config id) and given weight
-    ``r ** rank``; ``r`` is found by bisection. The expected fraction increases monotonically
-    with ``r`` (a larger ratio moves mass to costlier ranks), so the bisection is exact.
-
-    Note: on the paper's space the uniform mix already has an expected fraction of ~0.387, so
-    a target of 0.40 solves to ``r`` slightly above 1. The users' FLOPs are still skewed toward
-    small configs (the median user runs a config at ~0.28 of the largest, below the 0.40 mean),
-    but no distribution whose weights decrease with FLOPs can reach a mean above the uniform
-    one. A stronger tilt toward small configs means a lower ``target``.
+    A router that saves 55-65% at equal accuracy sends the many easy users to cheap
+    sub-networks and the few hard ones to big ones. The mix is ``(1 - lam) * small + lam *
+    largest``: ``small`` is geometric over the configs ranked by FLOPs (weight
+    ``PAPER_SMALL_RATIO ** rank``, cheapest first), and ``lam`` is solved in closed form so the
+    expected fraction is ``target``. (No distribution whose weights merely decrease with FLOPs
+    can do this: the uniform mix already costs ~0.39 of the largest on the paper's space.)
     """
     fractions = config_fractions(space, seq_len, num_items)
-    if not fractions.min() < target < 1.0:
-        raise ValueError(
-            f"paper mix: target FLOPs fraction must lie in ({fractions.min().item():.3f}, 1), "
-            f"got {target}"
-        )
     order = sorted(range(len(fractions)), key=lambda c: (fractions[c].item(), c))
     rank = torch.empty(len(fractions), dtype=torch.float64)
     rank[order] = torch.arange(len(fractions), dtype=torch.float64)
-
-    def weights(log_ratio: float) -> Tensor:
-        logits = log_ratio * rank
-        return torch.softmax(logits, dim=0)  # = r**rank / sum, without overflow
-
-    low, high = -20.0, 20.0  # log r; far beyond any target strictly inside the range
-    for _ in range(100):
-        mid = (low + high) / 2
-        if float(weights(mid) @ fractions) < target:
-            low = mid
-        else:
-            high = mid
-    return weights((low + high) / 2)
+    small = torch.softmax(math.log(PAPER_SMALL_RATIO) * rank, dim=0)
+    small_fraction = float(small @ fractions)
+    if not small_fraction < target < 1.0:
+        raise ValueError(
+            f"paper mix: target FLOPs fraction must lie in ({small_fraction:.3f}, 1), "
+            f"got {target}"
+        )
+    lam = (target - small_fraction) / (1.0 - small_fraction)
+    largest = torch.zeros_like(small)
+    largest[space.largest_id] = 1.0
+    return (1.0 - lam) * small + lam * largest
 
 
 def make_config_ids(

@@ -98,7 +98,10 @@ class Engine:
         self._table = self.space.table(self.device)
         self._flops = [flops(c, self.max_len, self.num_items) for c in self.space.configs]
         self.max_score_elements = max_score_elements
-        self.last_plan: PlanSummary | None = None
+        # The summary of the last batch is built on first access: reading group sizes back from
+        # the device would otherwise cost a host sync on every GPU forward.
+        self._last_batch: tuple[Tensor, bool] | None = None
+        self._last_plan: PlanSummary | None = None
 
     def __repr__(self) -> str:
         return (
@@ -107,6 +110,15 @@ class Engine:
         )
 
     # -- public API --------------------------------------------------------------------------
+    @property
+    def last_plan(self) -> PlanSummary | None:
+        """Routing histogram, groups and FLOPs of the last batch (None before the first)."""
+        if self._last_plan is None and self._last_batch is not None:
+            config_ids, routed = self._last_batch
+            plan = ops.plan(config_ids, self._table, check_ids=False)
+            self._last_plan = self._summarize(plan, routed)
+        return self._last_plan
+
     def route(self, seqs: Tensor) -> Tensor:
         """Config id per user (argmax of the router). seqs ``[B, L]`` -> ``[B]`` int64."""
         seqs = self._check(seqs)
@@ -121,9 +133,22 @@ class Engine:
         seqs = self._check(seqs)
         with torch.inference_mode():
             config_ids, routed = self._config_ids(seqs, config_ids)
-            plan = ops.plan(config_ids, self._table, check_ids=False)
-            self.last_plan = self._summarize(plan, routed)
-            return self._impl.scores(seqs, plan)
+            self._remember(config_ids, routed)
+            return self._scores(seqs, config_ids)
+
+    def capture(self, batch_size: int, routed: bool = True):
+        """Record the whole forward for ``batch_size`` users in one CUDA graph (backends that
+        plan on the device: triton). Returns a callable ``captured(seqs)`` (routed) or
+        ``captured(seqs, config_ids)``; its inputs are NOT validated (validation reads values
+        back to the host, which a graph cannot do), and its output buffer is reused by the
+        next call."""
+        capture = getattr(self._impl, "capture", None)
+        if capture is None:
+            raise backends.BackendUnavailableError(
+                f"capture needs a backend that plans on the device (triton on a CUDA GPU); "
+                f"this engine runs the {self.backend!r} backend on {self.device}"
+            )
+        return capture(batch_size, routed=routed)
 
     def recommend(
         self, seqs: Tensor, k: int = 10, exclude_history: bool = True
@@ -142,17 +167,13 @@ class Engine:
             ids, values = [], []
             for start in range(0, seqs.shape[0], chunk):
                 part = seqs[start : start + chunk]
-                part_ids = config_ids[start : start + chunk]
-                plan = ops.plan(part_ids, self._table, check_ids=False)
-                scores = self._impl.scores(part, plan)
+                scores = self._scores(part, config_ids[start : start + chunk])
                 if exclude_history:
                     scores.scatter_(1, part, float("-inf"))
                 top = scores.topk(k, dim=-1)
                 ids.append(top.indices)
                 values.append(top.values)
-            self.last_plan = self._summarize(
-                ops.plan(config_ids, self._table, check_ids=False), routed
-            )
+            self._remember(config_ids, routed)
             return torch.cat(ids), torch.cat(values)
 
     # -- internals -------------------------------------------------------------------------
@@ -163,6 +184,17 @@ class Engine:
                 f"seqs must be on the engine's device {self.device}, got {seqs.device}"
             )
         return seqs
+
+    def _scores(self, seqs: Tensor, config_ids: Tensor) -> Tensor:
+        # Backends that build the plan on the device take the ids directly (no host sync).
+        from_ids = getattr(self._impl, "scores_from_ids", None)
+        if from_ids is not None:
+            return from_ids(seqs, config_ids)
+        return self._impl.scores(seqs, ops.plan(config_ids, self._table, check_ids=False))
+
+    def _remember(self, config_ids: Tensor, routed: bool) -> None:
+        self._last_batch = (config_ids, routed)
+        self._last_plan = None
 
     def _config_ids(self, seqs: Tensor, config_ids: Tensor | None) -> tuple[Tensor, bool]:
         if config_ids is None:

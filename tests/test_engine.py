@@ -230,3 +230,18 @@ def test_auto_picks_a_working_backend():
     assert engine.backend in AVAILABLE
     if backends.availability("cpu")["cpu"] is None:
         assert engine.backend == "cpu"
+
+
+def test_capture_needs_a_backend_that_plans_on_the_device():
+    engine = Engine(make_model(torch.float32), backend="torch")
+    with pytest.raises(BackendUnavailableError, match="capture needs"):
+        engine.capture(8)
+
+
+def test_last_plan_is_none_before_the_first_batch_and_follows_each_batch():
+    engine = Engine(make_model(torch.float32), backend="torch")
+    assert engine.last_plan is None
+    engine.score(batch(3, 1), torch.tensor([0, 0, 35]))
+    assert engine.last_plan.histogram[35] == 1
+    engine.score(batch(2, 1), torch.tensor([4, 4]))
+    assert engine.last_plan.histogram[4] == 2 and engine.last_plan.num_users == 2

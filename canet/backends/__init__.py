@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from ..errors import CanetError
+
 __all__ = ["BACKENDS", "BackendUnavailableError", "availability", "resolve", "create"]
 
 BACKENDS: tuple[str, ...] = ("torch", "cpu", "triton", "cuda")
@@ -25,7 +27,7 @@ _MODULES = {
 _warned_fallback = False
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(CanetError, RuntimeError):
     """A backend was asked for that this install or device cannot run; the message says why
     and how to get it."""
 
