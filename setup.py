@@ -13,6 +13,7 @@ Install with ``pip install --no-build-isolation -e .`` so the build sees the ins
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -56,6 +57,13 @@ def build_ext_modules() -> tuple[list, dict]:
         torch.version.cuda is not None and CUDA_HOME is not None
     )
     cxx_flags = ["-O3", "-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    link_flags: list[str] = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline in torch's headers: it forks only in translation units
+        # compiled with OpenMP. libgomp.so.1 then resolves to the copy torch already loaded,
+        # so there is one OpenMP runtime in the process.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if with_cuda:
         ext = CUDAExtension(
             "canet._C",
@@ -65,12 +73,14 @@ def build_ext_modules() -> tuple[list, dict]:
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
             },
+            extra_link_args=link_flags,
         )
     else:
         ext = CppExtension(
             "canet._C",
             [s for s in sources if not s.endswith(".cu")],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     print(f"canet: building canet._C with{'' if with_cuda else 'out'} CUDA")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 # Operators the extension registers in the torch.ops.canet namespace.
-OPS: tuple[str, ...] = ("plan",)
+OPS: tuple[str, ...] = ("plan", "routed_scores", "router_logits")
 
 _HOW_TO_GET = (
     "build it from a checkout with `pip install --no-build-isolation -e .` "

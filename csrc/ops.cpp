@@ -31,6 +31,15 @@ TORCH_LIBRARY(canet, m) {
   m.def(
       "plan(Tensor config_ids, Tensor config_table) -> (Tensor order, Tensor inverse, "
       "Tensor group_config, Tensor group_offsets, Tensor layer_active)");
+  // The whole routed forward of a batch: scores [B, N+1] in input order (column 0 = -inf).
+  // weights: item_emb, pos_emb, in_proj w/b, 14 per block (qkv w/b, out w/b, ln1 w/b,
+  // fc1 w/b, fc2 w/b, ln2 w/b, res_scale1, res_scale2 as 0-d), out w/b. block_users: users per
+  // work item (0 = automatic).
+  m.def(
+      "routed_scores(Tensor seqs, Tensor order, Tensor group_config, Tensor group_offsets, "
+      "Tensor config_table, Tensor[] weights, int heads, int block_users=0) -> Tensor");
+  // Router logits [B, C]: weights item_emb, pos_emb, the 14 block tensors, head w/b.
+  m.def("router_logits(Tensor seqs, Tensor[] weights, int heads, int block_users=0) -> Tensor");
 }
 
 // cpp_extension defines TORCH_EXTENSION_NAME; the CMake development build does not, so it

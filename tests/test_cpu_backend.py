@@ -1,0 +1,225 @@
+"""What is specific to the native cpu backend: the ops' own checks, the router, threads,
+work-item sizes, larger batches and strided inputs. (Engine-level equality with the model is
+covered for every backend in test_engine.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import MAX_LEN, NUM_ITEMS, batch, make_model, reference, relative_error
+
+from canet import Engine, backends
+from canet.ops import plan
+
+pytestmark = pytest.mark.skipif(
+    backends.availability("cpu")["cpu"] is not None,
+    reason=f"cpu backend unavailable: {backends.availability('cpu')['cpu']}",
+)
+
+
+@pytest.fixture(scope="module")
+def model64():
+    return make_model(torch.float64)
+
+
+@pytest.fixture(scope="module")
+def engine64(model64):
+    return Engine(model64, backend="cpu")
+
+
+def op_args(engine, seqs, ids):
+    p = plan(ids, engine._impl.table)
+    impl = engine._impl
+    return [seqs, p.order, p.group_config, p.group_offsets, impl.table, list(impl.weights),
+            impl.heads]
+
+
+def routed(*args, **kwargs):
+    return torch.ops.canet.routed_scores(*args, **kwargs)
+
+
+def test_router_logits_equal_model_router(model64, engine64):
+    seqs = batch(37, seed=11)
+    got = engine64._impl.router_logits(seqs)
+    with torch.no_grad():
+        want = model64.router(seqs)
+    assert got.shape == want.shape == (37, model64.space.n_configs)
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+
+
+def test_router_logits_float32():
+    model = make_model(torch.float32)
+    engine = Engine(model, backend="cpu")
+    seqs = batch(20, seed=12)
+    with torch.no_grad():
+        want = model.router(seqs)
+    torch.testing.assert_close(engine._impl.router_logits(seqs), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(engine.route(seqs), model.route(seqs))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 5e-6)])
+def test_scores_independent_of_thread_count(dtype, tol):
+    # The split into work items does not depend on the thread count (up to 4 threads); what
+    # remains is BLAS rounding (one thread vs inside a parallel region), at float noise level.
+    model = make_model(dtype)
+    engine = Engine(model, backend="cpu")
+    seqs = batch(150, seed=13)
+    ids = torch.randint(0, 36, (150,), generator=torch.Generator().manual_seed(3))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = engine.score(seqs, ids)
+        logits_one = engine._impl.router_logits(seqs)
+        torch.set_num_threads(2)
+        two = engine.score(seqs, ids)
+        logits_two = engine._impl.router_logits(seqs)
+        assert torch.equal(engine.score(seqs, ids), two)  # deterministic at a fixed count
+    finally:
+        torch.set_num_threads(before)
+    assert relative_error(two, one) < tol
+    assert ((logits_two - logits_one).abs().max() / logits_one.abs().max()).item() < tol
+
+
+@pytest.mark.parametrize("block_users", [1, 2, 5, 64])
+def test_scores_independent_of_block_size(model64, engine64, block_users):
+    seqs = batch(60, seed=14)
+    ids = torch.randint(0, 36, (60,), generator=torch.Generator().manual_seed(4))
+    p = plan(ids, engine64._impl.table)
+    auto = engine64._impl.scores(seqs, p)
+    fixed = engine64._impl.scores(seqs, p, block_users=block_users)
+    torch.testing.assert_close(fixed, auto, rtol=1e-12, atol=1e-12)
+    assert relative_error(fixed, reference(model64, seqs, ids)) < 1e-10
+
+
+def test_large_batch_many_items_per_group(model64, engine64):
+    # 400 users in 3 configs: the automatic split makes several items per group.
+    seqs = batch(400, seed=15)
+    ids = torch.tensor([35, 0, 17])[torch.randint(0, 3, (400,), generator=torch.Generator())]
+    got = engine64.score(seqs, ids)
+    assert relative_error(got, reference(model64, seqs, ids)) < 1e-10
+    logits = engine64._impl.router_logits(seqs)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model64.router(seqs), rtol=1e-11, atol=1e-12)
+
+
+def test_no_padding_and_middle_padding(model64, engine64):
+    # Padding inside a sequence (not only on the left) is masked the same way.
+    seqs = batch(12, seed=16, heavy_padding=False)
+    seqs[:4, 3] = 0
+    seqs[4:8, :5] = 0
+    seqs[8, :-1] = 0
+    ids = torch.arange(12) * 3
+    assert relative_error(engine64.score(seqs, ids), reference(model64, seqs, ids)) < 1e-10
+
+
+def test_non_contiguous_seqs(model64, engine64):
+    wide = batch(9, seed=17, max_len=2 * MAX_LEN)
+    seqs = wide[:, 1::2]  # every other column: a strided view
+    seqs[:, -1] = wide[:, -1]
+    assert not seqs.is_contiguous()
+    ids = torch.arange(9) * 4
+    want = reference(model64, seqs.contiguous(), ids)
+    assert relative_error(engine64.score(seqs, ids), want) < 1e-10
+    args = op_args(engine64, seqs, ids)
+    assert relative_error(routed(*args), want) < 1e-10
+    assert torch.equal(
+        engine64._impl.router_logits(seqs), engine64._impl.router_logits(seqs.contiguous())
+    )
+
+
+def test_scores_see_in_place_weight_updates():
+    model = make_model(torch.float64)
+    engine = Engine(model, backend="cpu")
+    seqs, ids = batch(4, 2), torch.tensor([1, 20, 35, 7])
+    with torch.no_grad():
+        model.supernet.blocks[0].res_scale1.mul_(0.5)
+        model.supernet.out.bias += 1.0
+    assert relative_error(engine.score(seqs, ids), reference(model, seqs, ids)) < 1e-10
+
+
+def test_without_residual_scaling():
+    torch.manual_seed(0)
+    from canet import CANet
+
+    model = CANet(NUM_ITEMS, MAX_LEN, residual_scaling=False).double().eval()
+    engine = Engine(model, backend="cpu")
+    seqs, ids = batch(8, 3), torch.arange(8) * 5
+    assert relative_error(engine.score(seqs, ids), reference(model, seqs, ids)) < 1e-10
+
+
+# -- the ops' own boundary checks ------------------------------------------------------------
+def _bad_cases():
+    def replace(i, value):
+        def edit(args):
+            args[i] = value(args[i])
+
+        return edit
+
+    def weight(i, value):
+        def edit(args):
+            args[5][i] = value(args[5][i])
+
+        return edit
+
+    return {
+        "seqs dtype": (replace(0, lambda s: s.int()), "seqs must be int64"),
+        "seqs rank": (replace(0, lambda s: s[0]), "seqs must be 2-D"),
+        "seqs length": (replace(0, lambda s: s[:, 1:]), r"pos_emb.weight\) must have shape"),
+        "item id": (replace(0, lambda s: s.index_fill(1, torch.tensor([2]), 999)),
+                    r"item ids must be in \[0, 61\]"),
+        "last padding": (replace(0, lambda s: s.index_fill(1, torch.tensor([MAX_LEN - 1]), 0)),
+                         "must end with a real item"),
+        "order length": (replace(1, lambda o: o[:-1]), r"order must be a CPU int64 \[6\]"),
+        "order not a permutation": (replace(1, lambda o: torch.zeros_like(o)),
+                                    "order must be a permutation"),
+        "offsets": (replace(3, lambda g: g.flip(0)), "group_offsets must run from 0 to B"),
+        "group config": (replace(2, lambda g: g + 100), "is not a config id"),
+        "table": (replace(4, lambda t: t[:, :2]), r"config_table must be a CPU int64 \[C, 3\]"),
+        "weight count": (replace(5, lambda w: w[:-1]), "weights must hold 6 \\+ 14"),
+        "weight dtype": (weight(7, lambda t: t.float()), "must have dtype Double"),
+        "weight shape": (
+            weight(4, lambda t: t[:-1]), r"blocks.0.attn.qkv.weight\) must have shape"
+        ),
+        "weight strided": (weight(2, lambda t: t.t().contiguous().t()), "must be contiguous"),
+        "heads": (replace(6, lambda h: 5), "divisible by heads=5"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_cases()))
+def test_routed_scores_rejects_bad_input(engine64, case):
+    edit, message = _bad_cases()[case]
+    args = op_args(engine64, batch(6, seed=1), torch.tensor([0, 35, 3, 3, 20, 1]))
+    assert routed(*args).shape == (6, NUM_ITEMS + 1)  # the unedited call works
+    edit(args)
+    with pytest.raises(RuntimeError, match=message):
+        routed(*args)
+
+
+def test_routed_scores_rejects_bad_block_users_and_device(engine64):
+    args = op_args(engine64, batch(3, seed=1), torch.tensor([0, 35, 3]))
+    with pytest.raises(RuntimeError, match="block_users must be >= 0"):
+        routed(*args, -1)
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        routed(*meta)
+
+
+def test_router_logits_rejects_bad_input(engine64):
+    weights = list(engine64._impl.router_weights)
+    seqs = batch(3, seed=1)
+    with pytest.raises(RuntimeError, match="weights must hold 18 tensors"):
+        torch.ops.canet.router_logits(seqs, weights[:-1], 4)
+    with pytest.raises(RuntimeError, match="divisible by heads=3"):
+        torch.ops.canet.router_logits(seqs, weights, 3)
+    with pytest.raises(RuntimeError, match=r"head.bias\) must have shape \[36\]"):
+        torch.ops.canet.router_logits(seqs, weights[:-1] + [weights[-1][:-1]], 4)
+    with pytest.raises(RuntimeError, match="seqs must be int64"):
+        torch.ops.canet.router_logits(seqs.float(), weights, 4)
+
+
+def test_requirements_say_why_and_how():
+    from canet.backends import cpu_backend
+
+    assert cpu_backend.requirements(torch.device("cpu")) is None
+    why = cpu_backend.requirements(torch.device("meta"))
+    assert "CPU tensors only" in why and "meta" in why
