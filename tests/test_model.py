@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_engine import make_model as random_model  # tests/ is on sys.path
 from torch.utils.flop_counter import FlopCounterMode
 
 import canet
@@ -26,22 +27,10 @@ NUM_ITEMS = 37
 MAX_LEN = 9
 
 
-def make_model(dtype=torch.float64, seed=0, space=None, **kwargs) -> CANet:
-    """A model with fresh random weights, including non-trivial residual scales and LayerNorm
-    affine parameters (the 1e-8 / identity inits would hide bugs)."""
-    torch.manual_seed(seed)
-    model = CANet(NUM_ITEMS, MAX_LEN, space=space, **kwargs).to(dtype).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "res_scale" in name:
-                p.uniform_(0.3, 1.5)
-            elif name.endswith("ln1.weight") or name.endswith("ln2.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-            else:
-                p.normal_(0, 0.3)
-    return model
+def make_model(dtype=torch.float64, seed=0, space=None) -> CANet:
+    """Fresh random weights, residual scales and LayerNorm affine far from their inits (the
+    1e-8 / identity inits would hide bugs)."""
+    return random_model(dtype, seed, NUM_ITEMS, MAX_LEN, space)
 
 
 def padded_batch(batch=7, seed=1, max_len=MAX_LEN) -> torch.Tensor:
