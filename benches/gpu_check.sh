@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a bare GPU machine (torch + triton preinstalled, no network): build the CUDA
 # extension, run the GPU tests and the rest of the suite, then the GPU benchmark, whose table
-# is printed last and written to benches/results/<date>-<gpu>.{json,md}.
+# is printed, written to benches/results/<date>-<gpu>.{json,md}, then the op micro-benchmark
+# (<date>-<gpu>-ops.{json,md}).
 # Budget: about 8 minutes on an H100 (each step is bounded by `timeout`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -34,3 +35,6 @@ timeout 120 "$PYTHON" -m pytest -q -x -m "not gpu and not interpreter" -p no:cac
 
 step "GPU benchmark (benches/gpu_bench.py)"
 timeout 240 "$PYTHON" benches/gpu_bench.py --budget-s 180 || fail "benchmark failed"
+
+step "op micro-benchmark (benches/bench_ops_gpu.py: plan, score_topk)"
+timeout 120 "$PYTHON" benches/bench_ops_gpu.py || fail "op micro-benchmark failed"

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 # Operators the extension registers in the torch.ops.canet namespace.
-OPS: tuple[str, ...] = ("plan", "routed_scores", "router_logits")
+OPS: tuple[str, ...] = ("plan", "routed_scores", "router_logits", "score_topk")
 
 _HOW_TO_GET = (
     "build it from a checkout with `pip install --no-build-isolation -e .` "
@@ -96,7 +96,7 @@ def path() -> str | None:
 
 
 def build_info() -> dict:
-    """``canet._C.build_info()`` ({'cuda': bool, 'ops': tuple}), or {} without the extension."""
+    """``canet._C.build_info()`` ({'cuda': bool}), or {} without the extension."""
     mod = load()
     return dict(mod.build_info()) if mod is not None else {}
 

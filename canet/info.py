@@ -42,7 +42,7 @@ def collect() -> dict[str, object]:
         missing = [f"canet::{op}" for op in _ext.OPS if not _ext.has_kernel(op, device_type)]
         text = ", ".join(registered) if registered else "none"
         if missing:
-            text += f" (reference fallback: {', '.join(missing)})"
+            text += f" (not registered: {', '.join(missing)})"
         info[f"{device_type.upper()} ops"] = text
     info["CPU threads"] = f"{torch.get_num_threads()} (os.cpu_count() = {os.cpu_count()})"
     if torch.cuda.is_available():

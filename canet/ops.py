@@ -14,7 +14,7 @@ from torch import Tensor
 
 from canet import _ext
 
-__all__ = ["Plan", "plan", "plan_reference"]
+__all__ = ["Plan", "plan", "plan_reference", "score_topk", "score_topk_reference"]
 
 
 class Plan(NamedTuple):
@@ -125,3 +125,188 @@ def plan(config_ids: Tensor, config_table: Tensor, *, check_ids: bool = True) ->
     if _ext.has_kernel("plan", config_ids.device.type):
         return Plan(*torch.ops.canet.plan(config_ids, config_table))
     return plan_reference(config_ids, config_table, check_ids=False)
+
+
+# --- score_topk ---------------------------------------------------------------------------------
+
+SCORE_TOPK_MAX_K = 200
+_SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _validate_score_topk(
+    hidden: Tensor,
+    hidden_sizes: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    history: Tensor | None,
+    k: int,
+    check_values: bool,
+) -> Tensor | None:
+    """Raise ValueError on bad inputs; returns history, None when nothing is excluded."""
+    named = {"hidden": hidden, "hidden_sizes": hidden_sizes, "weight": weight, "bias": bias}
+    if history is not None:
+        named["history"] = history
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"score_topk: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in _SCORE_DTYPES:
+        raise ValueError(
+            "score_topk: hidden must be float32, float16, bfloat16 or float64, got "
+            f"{hidden.dtype}"
+        )
+    if hidden.dtype == torch.float64 and hidden.device.type != "cpu":
+        raise ValueError(f"score_topk: float64 is supported on CPU only, got {hidden.device}")
+    for name in ("weight", "bias"):
+        if named[name].dtype != hidden.dtype:
+            raise ValueError(
+                f"score_topk: {name} must have hidden's dtype {hidden.dtype}, got "
+                f"{named[name].dtype}"
+            )
+    if hidden.dim() != 2:
+        raise ValueError(
+            f"score_topk: hidden must be 2-D [B, h_max], got shape {tuple(hidden.shape)}"
+        )
+    batch = hidden.shape[0]
+    if hidden_sizes.dtype != torch.int64:
+        raise ValueError(f"score_topk: hidden_sizes must be int64, got {hidden_sizes.dtype}")
+    if hidden_sizes.shape != (batch,):
+        raise ValueError(
+            f"score_topk: hidden_sizes must be [B] = [{batch}], got shape "
+            f"{tuple(hidden_sizes.shape)}"
+        )
+    if weight.dim() != 2 or weight.shape[0] < 2:
+        raise ValueError(
+            f"score_topk: weight must be [N+1, H] with N >= 1, got shape {tuple(weight.shape)}"
+        )
+    rows = weight.shape[0]
+    if bias.shape != (rows,):
+        raise ValueError(
+            f"score_topk: bias must be [N+1] = [{rows}], got shape {tuple(bias.shape)}"
+        )
+    num_items = rows - 1
+    max_k = min(SCORE_TOPK_MAX_K, num_items)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_k:
+        raise ValueError(f"score_topk: k must be an int in [1, {max_k}], got {k!r}")
+    for name, t in named.items():
+        if t.device != hidden.device:
+            raise ValueError(
+                f"score_topk: {name} must be on hidden's device {hidden.device}, got {t.device}"
+            )
+    if history is not None:
+        if history.dtype != torch.int64:
+            raise ValueError(f"score_topk: history must be int64, got {history.dtype}")
+        if history.numel() == 0:
+            history = None
+        elif history.dim() != 2 or history.shape[0] != batch:
+            raise ValueError(
+                f"score_topk: history must be [B, L] = [{batch}, L], got shape "
+                f"{tuple(history.shape)}"
+            )
+    if check_values and batch > 0:
+        h_cap = min(hidden.shape[1], weight.shape[1])
+        lo, hi = (int(v) for v in torch.aminmax(hidden_sizes))
+        if lo < 0 or hi > h_cap:
+            raise ValueError(
+                f"score_topk: hidden_sizes must be in [0, min(h_max, H)] = [0, {h_cap}], got "
+                f"a value of {lo if lo < 0 else hi}"
+            )
+        if history is not None:
+            lo, hi = (int(v) for v in torch.aminmax(history))
+            if lo < 0 or hi > num_items:
+                raise ValueError(
+                    f"score_topk: history ids must be in [0, {num_items}] (0 = padding), got "
+                    f"a value of {lo if lo < 0 else hi}"
+                )
+    return history
+
+
+def score_topk_reference(
+    hidden: Tensor,
+    hidden_sizes: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    history: Tensor | None = None,
+    k: int = 10,
+    *,
+    check_values: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch :func:`score_topk` (full score matrix, stable sorts); same contract.
+
+    Scores are computed in float32 (float64 for float64 inputs) on each distinct hidden size's
+    slice, so the values beyond a user's size are never read.
+    """
+    history = _validate_score_topk(
+        hidden, hidden_sizes, weight, bias, history, k, check_values
+    )
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    batch, rows = hidden.shape[0], weight.shape[0]
+    scores = torch.empty(batch, rows, dtype=acc, device=hidden.device)
+    for size in torch.unique(hidden_sizes).tolist():
+        users = (hidden_sizes == size).nonzero().squeeze(1)
+        x = hidden[users, :size].to(acc)
+        scores[users] = x @ weight[:, :size].to(acc).T + bias.to(acc)
+    scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    candidate = torch.ones(batch, rows, dtype=torch.bool, device=hidden.device)
+    candidate[:, 0] = False
+    if history is not None:
+        candidate.scatter_(1, history, False)
+    # Stable sorts keep ascending item ids among equal scores; the second one moves the
+    # non-candidates behind every candidate without disturbing that order.
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    order = order.gather(
+        1, torch.sort(candidate.gather(1, order).to(torch.uint8), dim=1, descending=True,
+                      stable=True).indices
+    )[:, :k]
+    ids = torch.where(candidate.gather(1, order), order, -1)
+    top = torch.where(ids >= 0, scores.gather(1, order), float("-inf"))
+    return ids, top
+
+
+def score_topk(
+    hidden: Tensor,
+    hidden_sizes: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    history: Tensor | None = None,
+    k: int = 10,
+    *,
+    check_values: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Top-k items per user from the last position's hidden states, without materialising the
+    ``[B, N+1]`` score matrix on the native paths.
+
+    User b's score of item i is ``hidden[b, :h] . weight[i, :h] + bias[i]`` with
+    ``h = hidden_sizes[b]``: ``hidden[b, h:]`` is ignored (it may hold anything, NaN included).
+    On CUDA ``weight[i, h:]`` is multiplied by zero rather than skipped, so it must be finite
+    (any trained output layer is); on CPU it is not read.
+
+    Args:
+        hidden: [B, h_max] float32/float16/bfloat16 (float64 on CPU only).
+        hidden_sizes: [B] int64 in [0, min(h_max, H)].
+        weight: [N+1, H], the output layer (row 0 = padding item), same dtype; read in place.
+        bias: [N+1], same dtype.
+        history: [B, L] int64 item ids in [0, N] to exclude (0 = padding), or None / an empty
+            tensor to exclude nothing.
+        k: 1 <= k <= min(200, N).
+        check_values: check hidden_sizes' and history's ranges in Python (a device->host sync
+            on GPU tensors); the kernels themselves clamp sizes and ignore out-of-range ids.
+
+    Returns:
+        ``(ids, scores)``, ``[B, k]`` each, best first: ids int64 over items 1..N (item 0 and
+        excluded items are never returned); scores float32 (float64 for float64 inputs),
+        accumulated in that precision. Ties are broken by the smaller item id; a NaN score
+        ranks as -inf. A user with fewer than k candidates gets id -1 and score -inf in the
+        remaining slots.
+
+    Raises:
+        ValueError: on a wrong dtype, shape, device mix, k, or (with check_values) value range.
+    """
+    history = _validate_score_topk(
+        hidden, hidden_sizes, weight, bias, history, k, check_values
+    )
+    if _ext.has_kernel("score_topk", hidden.device.type):
+        ids, scores = torch.ops.canet.score_topk(hidden, hidden_sizes, weight, bias, history, k)
+        return ids, scores
+    return score_topk_reference(
+        hidden, hidden_sizes, weight, bias, history, k, check_values=False
+    )

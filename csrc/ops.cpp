@@ -40,6 +40,11 @@ TORCH_LIBRARY(canet, m) {
       "Tensor config_table, Tensor[] weights, int heads, int block_users=0) -> Tensor");
   // Router logits [B, C]: weights item_emb, pos_emb, the 14 block tensors, head w/b.
   m.def("router_logits(Tensor seqs, Tensor[] weights, int heads, int block_users=0) -> Tensor");
+  // Top-k items per user from last-position hidden states, without the [B, N+1] score matrix:
+  // ids [B, k] int64 (-1 past the last candidate), scores [B, k] fp32 (fp64 for fp64 inputs).
+  m.def(
+      "score_topk(Tensor hidden, Tensor hidden_sizes, Tensor weight, Tensor bias, "
+      "Tensor? history, int k) -> (Tensor ids, Tensor scores)");
 }
 
 // cpp_extension defines TORCH_EXTENSION_NAME; the CMake development build does not, so it
@@ -58,8 +63,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
 #else
     info["cuda"] = false;
 #endif
-    info["ops"] = py::make_tuple("plan");
     return info;
-  }, "What this build of the extension contains: {'cuda': bool, 'ops': tuple[str, ...]}");
+  }, "What this build of the extension contains: {'cuda': bool}. The operators it registers "
+     "are listed once, in canet/_ext.py (OPS), and queried from torch's dispatcher.");
 }
 #endif

@@ -1,0 +1,91 @@
+// Thin torch binding of the canet::score_topk CUDA kernels (the kernels are in
+// score_topk_kernel.cu).
+#include "../score_topk.h"
+#include "score_topk_kernel.cuh"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace canet {
+namespace {
+
+// Rows with unit inner stride are read in place (the output layer's weight; a slice of the
+// last position's hidden states), anything else is copied once.
+at::Tensor rows_unit_stride(const at::Tensor& t) {
+  return t.stride(1) == 1 || t.size(1) <= 1 ? t : t.contiguous();
+}
+
+ScoreTopkResult score_topk_cuda(const at::Tensor& hidden, const at::Tensor& hidden_sizes,
+                                const at::Tensor& weight, const at::Tensor& bias,
+                                const std::optional<at::Tensor>& history_opt, int64_t k) {
+  const at::Tensor history = history_opt.has_value() ? *history_opt : at::Tensor();
+  check_score_topk_inputs(hidden, hidden_sizes, weight, bias, history, k);
+  TORCH_CHECK(hidden.is_cuda(), "canet::score_topk (CUDA kernel): expected CUDA tensors, got ",
+              hidden.device());
+  cuda::ScoreDtype dtype = cuda::ScoreDtype::kFloat32;
+  switch (hidden.scalar_type()) {
+    case at::kFloat: dtype = cuda::ScoreDtype::kFloat32; break;
+    case at::kHalf: dtype = cuda::ScoreDtype::kFloat16; break;
+    case at::kBFloat16: dtype = cuda::ScoreDtype::kBFloat16; break;
+    default:
+      TORCH_CHECK(false, "canet::score_topk (CUDA kernel): expected float32, float16 or "
+                  "bfloat16, got ", hidden.scalar_type());
+  }
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const at::Tensor hid = rows_unit_stride(hidden);
+  const at::Tensor w = rows_unit_stride(weight);
+  const at::Tensor b = bias.contiguous();
+  const at::Tensor sizes = hidden_sizes.contiguous();
+  const bool no_history = score_topk_no_history(history);
+  const at::Tensor hist = no_history ? at::Tensor() : history.contiguous();
+  const int64_t B = hid.size(0);
+  at::Tensor ids = at::empty({B, k}, hid.options().dtype(at::kLong));
+  at::Tensor scores = at::empty({B, k}, hid.options().dtype(at::kFloat));
+  if (B == 0) return {ids, scores};
+
+  // A cached device attribute: no sync. (ATen's CUDAContext.h would pull in cuSPARSE headers.)
+  int num_sms = 0;
+  if (cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, hidden.device().index()) !=
+      cudaSuccess) {
+    num_sms = 1;
+    (void)cudaGetLastError();  // do not leave the failure to the next launch check
+  }
+  const int64_t chunks = cuda::score_topk_num_chunks(B, w.size(0), static_cast<int>(k), num_sms);
+  // From the caching allocator on the current stream: no sync, and safe under graph capture.
+  at::Tensor workspace = at::empty(
+      {static_cast<int64_t>(cuda::score_topk_workspace_bytes(B, chunks, static_cast<int>(k)))},
+      hid.options().dtype(at::kByte));
+
+  cuda::ScoreTopkArgs args{};
+  args.hidden = hid.data_ptr();
+  args.hidden_sizes = sizes.data_ptr<int64_t>();
+  args.weight = w.data_ptr();
+  args.bias = b.data_ptr();
+  args.history = no_history ? nullptr : hist.data_ptr<int64_t>();
+  args.batch = B;
+  args.h_max = hid.size(1);
+  args.hidden_stride = hid.stride(0);
+  args.rows = w.size(0);
+  args.H = w.size(1);
+  args.weight_stride = w.stride(0);
+  args.history_len = no_history ? 0 : hist.size(1);
+  args.k = static_cast<int>(k);
+  args.dtype = dtype;
+  args.out_ids = ids.data_ptr<int64_t>();
+  args.out_scores = scores.data_ptr<float>();
+  const cudaError_t err = cuda::score_topk_launch(args, chunks, workspace.data_ptr(),
+                                                  c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "canet::score_topk (CUDA kernel): launch failed: ",
+              cudaGetErrorString(err));
+  return {ids, scores};
+}
+
+}  // namespace
+}  // namespace canet
+
+TORCH_LIBRARY_IMPL(canet, CUDA, m) { m.impl("score_topk", &canet::score_topk_cuda); }

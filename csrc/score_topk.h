@@ -1,0 +1,30 @@
+// Shared declarations for the canet::score_topk operator (CPU and CUDA implementations).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace canet {
+
+// Largest k the kernels accept: the per-user candidate state lives in shared memory on the GPU.
+constexpr int64_t kScoreTopkMaxK = 200;
+
+// (ids [B, k] int64, scores [B, k]); see csrc/ops.cpp for the schema and canet/ops.py for the
+// contract (tie rule, padding with id -1 / score -inf).
+using ScoreTopkResult = std::tuple<at::Tensor, at::Tensor>;
+
+// Checks dtypes, ranks, shapes, k and device agreement (not the values of hidden_sizes or
+// history, which would cost a device sync on the GPU); shared by every backend so the messages
+// are identical whichever kernel the dispatcher picks.
+void check_score_topk_inputs(const at::Tensor& hidden, const at::Tensor& hidden_sizes,
+                             const at::Tensor& weight, const at::Tensor& bias,
+                             const at::Tensor& history, int64_t k);
+
+// True when history means "exclude nothing": undefined or without elements.
+inline bool score_topk_no_history(const at::Tensor& history) {
+  return !history.defined() || history.numel() == 0;
+}
+
+}  // namespace canet
