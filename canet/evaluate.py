@@ -43,12 +43,16 @@ def evaluate(
     backend: str = "model",
     engine: Engine | None = None,
     fixed_config_id: int | None = None,
+    shuffle_routing_seed: int | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``split`` of ``data`` as a JSON-able dict.
 
     ``backend="model"`` scores with ``model.score``; any other value (or ``engine``) scores
     through ``canet.Engine``. ``fixed_config_id`` routes every user to that config (the
-    full-size baseline); otherwise the router's argmax decides. Results do not depend on
+    full-size baseline); ``shuffle_routing_seed`` takes the router's choices for the whole
+    split and deals them out to the users in a seeded random order: the random-routing
+    baseline with exactly the router's histogram (and so its FLOPs). Otherwise the router's
+    argmax decides. Results do not depend on
     ``batch_size``. Keys: ``split``, ``metrics`` ({"ndcg@10": ...}), ``num_users``,
     ``num_items``, ``protocol``, ``routing`` (histogram over config ids), ``flops``, ``backend``.
     """
@@ -63,6 +67,8 @@ def evaluate(
         raise CanetError(
             f"config id must be in [0, {space.n_configs - 1}], got {fixed_config_id}"
         )
+    if fixed_config_id is not None and shuffle_routing_seed is not None:
+        raise CanetError("choose either a fixed config or shuffled routing, not both")
     if engine is None and backend != "model":
         engine = Engine(model, backend=backend)
     was_training = model.training
@@ -70,16 +76,26 @@ def evaluate(
     device = model.supernet.out.weight.device
     accumulator = MetricAccumulator(ks)
     histogram = torch.zeros(space.n_configs, dtype=torch.int64)
+    route = engine.route if engine is not None else model.route
     try:
         with torch.inference_mode():
+            dealt = None
+            if shuffle_routing_seed is not None:
+                routed = torch.cat(
+                    [route(seqs.to(device)) for _, seqs, _ in data.eval_batches(split, batch_size)]
+                )
+                generator = torch.Generator().manual_seed(shuffle_routing_seed)
+                dealt = routed[torch.randperm(len(routed), generator=generator).to(device)]
+            start = 0
             for _, seqs, targets in data.eval_batches(split, batch_size):
                 seqs = seqs.to(device)
                 if fixed_config_id is not None:
                     config_ids = torch.full((seqs.shape[0],), fixed_config_id, device=device)
-                elif engine is not None:
-                    config_ids = engine.route(seqs)
+                elif dealt is not None:
+                    config_ids = dealt[start : start + seqs.shape[0]]
                 else:
-                    config_ids = model.route(seqs)
+                    config_ids = route(seqs)
+                start += seqs.shape[0]
                 if engine is not None:
                     scores = engine.score(seqs, config_ids)
                 else:
@@ -97,9 +113,16 @@ def evaluate(
     mean_flops = sum(n * f for n, f in zip(counts, per_config, strict=True)) / num_users
     largest = per_config[space.largest_id]
     router = (
-        0 if fixed_config_id is not None
-        else flops_router(model.max_len, space.n_configs, model.arch["router_dim"])
+        flops_router(model.max_len, space.n_configs, model.arch["router_dim"])
+        if fixed_config_id is None and shuffle_routing_seed is None
+        else 0
     )
+    if fixed_config_id is not None:
+        mode = f"fixed config {fixed_config_id}"
+    elif shuffle_routing_seed is not None:
+        mode = f"router's histogram dealt to users at random (seed {shuffle_routing_seed})"
+    else:
+        mode = "router argmax"
     return {
         "split": split,
         "metrics": results,
@@ -118,9 +141,7 @@ def evaluate(
             "ks": list(ks),
         },
         "routing": {
-            "mode": (
-                "router argmax" if fixed_config_id is None else f"fixed config {fixed_config_id}"
-            ),
+            "mode": mode,
             "histogram": counts,
             "configs": [[c.depth, c.hidden, c.emb] for c in space.configs],
         },
@@ -175,6 +196,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--include-history", action="store_true",
                         help="do not exclude the input items from the ranking")
+    parser.add_argument(
+        "--shuffle-routing", type=int, metavar="SEED",
+        help="random-routing baseline: deal the router's choices to the users in a seeded "
+        "random order (same histogram, same FLOPs)",
+    )
     parser.add_argument("--output", help="metrics file (default: RUN_DIR/metrics.json)")
 
 
@@ -199,10 +225,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         exclude_history=config.exclude_history and not args.include_history,
         batch_size=args.batch_size, backend=args.backend,
         fixed_config_id=config.fixed_config_id(loaded.model.space),
+        shuffle_routing_seed=args.shuffle_routing,
     )
     metrics["checkpoint"] = str(loaded.path)
     run_dir = Path(args.run_dir)
-    name = "metrics.json" if args.split == "test" else f"metrics_{args.split}.json"
+    name = "metrics" + ("" if args.split == "test" else f"_{args.split}")
+    if args.shuffle_routing is not None:
+        name += f"_shuffled-routing-{args.shuffle_routing}"
+    name += ".json"
     default = (run_dir if (run_dir / "best").exists() or (run_dir / "last").exists()
                else loaded.path) / name
     output = write_metrics(metrics, args.output or default)

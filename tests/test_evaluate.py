@@ -9,6 +9,7 @@ import torch
 
 from canet.config import config_from_dict
 from canet.data import build_dataset, synthetic_log
+from canet.errors import CanetError
 from canet.evaluate import evaluate, format_histogram, write_metrics
 from canet.flops import flops
 from canet.train import build_model
@@ -74,3 +75,23 @@ def test_fixed_config_and_history_switch(setup) -> None:
     kept = evaluate(model, data, "test", exclude_history=False)
     assert kept["protocol"]["exclude_history"] is False
     assert kept["metrics"] != evaluate(model, data, "test")["metrics"]
+
+
+def test_shuffled_routing_keeps_the_histogram_and_deals_it_out_at_random(setup) -> None:
+    data, model = setup
+    routed = evaluate(model, data, "test")
+    shuffled = evaluate(model, data, "test", shuffle_routing_seed=3, batch_size=9)
+    again = evaluate(model, data, "test", shuffle_routing_seed=3, batch_size=64)
+    assert shuffled["routing"]["histogram"] == routed["routing"]["histogram"]
+    assert shuffled["flops"]["mean_per_user"] == routed["flops"]["mean_per_user"]
+    assert shuffled["flops"]["router_per_user"] == 0
+    assert "random" in shuffled["routing"]["mode"]
+    assert shuffled["metrics"] == pytest.approx(again["metrics"], abs=1e-12)
+    # The users really got other configs: the per-user choices differ from the router's.
+    users = torch.cat([seqs for _, seqs, _ in data.eval_batches("test", 64)])
+    router_ids = model.route(users)
+    generator = torch.Generator().manual_seed(3)
+    dealt = router_ids[torch.randperm(len(router_ids), generator=generator)]
+    assert (dealt != router_ids).any()
+    with pytest.raises(CanetError, match="not both"):
+        evaluate(model, data, "test", shuffle_routing_seed=1, fixed_config_id=0)
