@@ -93,7 +93,7 @@ class Engine:
         self.space = model.space
         self.num_items = model.num_items
         self.max_len = model.max_len
-        self.backend = backends.resolve(backend, self.device)
+        self.backend = backends.resolve(backend, self.device, self.dtype)
         self._impl = backends.create(self.backend, self.arch, state, self.device)
         self._table = self.space.table(self.device)
         self._flops = [flops(c, self.max_len, self.num_items) for c in self.space.configs]
@@ -155,8 +155,9 @@ class Engine:
     ) -> tuple[Tensor, Tensor]:
         """Top-k items per user: (item ids ``[B, k]`` int64, scores ``[B, k]``), internal ids,
         best first. Padding is never recommended; with ``exclude_history`` neither are the
-        items in the user's input. A user with fewer than k candidates gets -inf scores in the
-        remaining slots. Scores are computed in user chunks of at most ``max_score_elements``.
+        items in the user's input. A user with fewer than k candidates gets id -1 and score
+        -inf in the remaining slots (as ``canet.ops.score_topk``). Scores are computed in user
+        chunks of at most ``max_score_elements``.
         """
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_items:
             raise ValueError(f"k must be an int in [1, {self.num_items}], got {k!r}")
@@ -171,7 +172,8 @@ class Engine:
                 if exclude_history:
                     scores.scatter_(1, part, float("-inf"))
                 top = scores.topk(k, dim=-1)
-                ids.append(top.indices)
+                # topk fills a short list with excluded (-inf) columns: never return those.
+                ids.append(top.indices.masked_fill(torch.isneginf(top.values), -1))
                 values.append(top.values)
             self._remember(config_ids, routed)
             return torch.cat(ids), torch.cat(values)

@@ -129,6 +129,19 @@ def test_recommend_matches_topk_of_masked_scores(backend, exclude_history):
     assert engine.last_plan.num_users == 10
 
 
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_recommend_with_fewer_candidates_than_k_pads_with_minus_one(backend):
+    model = make_model(torch.float32, num_items=6, max_len=5)
+    engine = Engine(model, backend=backend)
+    seqs = torch.tensor([[1, 2, 3, 4, 5], [0, 0, 6, 5, 4], [0, 0, 0, 0, 2]])
+    ids, values = engine.recommend(seqs, k=4)
+    assert ids[0].tolist() == [6, -1, -1, -1]  # only item 6 is not in the history
+    assert torch.isneginf(values[0, 1:]).all() and torch.isfinite(values[0, 0])
+    assert sorted(ids[1, :3].tolist()) == [1, 2, 3] and ids[1, 3] == -1
+    assert torch.isfinite(values[2]).all() and 2 not in ids[2].tolist()
+    assert not ((ids[:, :, None] == seqs[:, None, :]) & (ids[:, :, None] > 0)).any()
+
+
 def test_recommend_bad_k():
     engine = Engine(make_model(torch.float32), backend="torch")
     for k in (0, NUM_ITEMS + 1, 2.5):
@@ -166,6 +179,25 @@ def test_engine_holds_no_second_copy_of_the_weights():
     with torch.no_grad():
         model.supernet.out.bias += 1.0
     torch.testing.assert_close(engine.score(seqs, ids)[:, 1:], before[:, 1:] + 1.0)
+
+
+def test_auto_falls_back_and_explicit_backends_refuse_an_unsupported_dtype():
+    import warnings
+
+    model = make_model(torch.float32)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        engine = Engine(model, dtype=torch.bfloat16)
+    assert engine.backend == "torch"
+    seqs, ids = batch(4, 5), torch.tensor([0, 9, 22, 35])
+    got = engine.score(seqs, ids).float()
+    assert relative_error(got, reference(model, seqs, ids)) < 0.1  # bfloat16: ~3 digits
+    for name, why in backends.availability("cpu", torch.bfloat16).items():
+        if name != "torch":
+            assert why is not None
+    if "cpu" in AVAILABLE:
+        with pytest.raises(BackendUnavailableError, match="bfloat16"):
+            Engine(model, backend="cpu", dtype=torch.bfloat16)
 
 
 def test_engine_dtype_conversion():

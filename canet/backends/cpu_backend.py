@@ -15,7 +15,10 @@ from .. import _ext
 from ..ops import Plan
 from ..space import RoutingSpace
 
-__all__ = ["Backend", "requirements"]
+__all__ = ["Backend", "DTYPES", "requirements"]
+
+# Compute dtypes this backend supports (checked by canet.backends.resolve).
+DTYPES = (torch.float32, torch.float64)
 
 _BLOCK_KEYS = (
     "attn.qkv.weight", "attn.qkv.bias", "attn.out.weight", "attn.out.bias",

@@ -13,7 +13,10 @@ from torch import Tensor
 from ..model import CANet
 from ..ops import Plan
 
-__all__ = ["Backend", "requirements"]
+__all__ = ["Backend", "DTYPES", "requirements"]
+
+# Compute dtypes this backend supports (checked by canet.backends.resolve).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def requirements(device: torch.device) -> str | None:

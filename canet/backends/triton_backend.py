@@ -30,7 +30,10 @@ from ..ops import Plan, plan_reference
 from ..space import RoutingSpace
 from .torch_backend import module_over
 
-__all__ = ["Backend", "CapturedForward", "requirements"]
+__all__ = ["Backend", "CapturedForward", "DTYPES", "requirements"]
+
+# Compute dtypes this backend supports (checked by canet.backends.resolve).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _MIN_TRITON = (3, 4)
 
