@@ -379,7 +379,6 @@ def load_checkpoint(
         raise CheckpointError(f"{vocab_path}: unreadable ({error})") from None
     except CanetError as error:
         raise CheckpointError(str(error)) from None
-    model = load_model_weights(directory, model)
     expected_arch = {
         "num_items": vocab.num_items,
         "max_len": config.max_len,
@@ -389,12 +388,25 @@ def load_checkpoint(
         "router_heads": config.router_heads,
         "residual_scaling": config.residual_scaling,
     }
+    into_callers_model = model is not None
+    if into_callers_model:
+        # Every check runs before the caller's model is touched: a refused checkpoint leaves
+        # it exactly as it was.
+        if model.arch != expected_arch:
+            raise CheckpointError(
+                f"{directory}: " + describe_arch_change(expected_arch, model.arch)
+            )
+        _check_digest(directory, MODEL_FILE, state)
+    model = load_model_weights(directory, model)
     if model.arch != expected_arch:
         raise CheckpointError(
             f"{directory / MODEL_FILE}: does not belong with {CONFIG_FILE}/{VOCAB_FILE} here; "
             + describe_arch_change(model.arch, expected_arch)
         )
-    _check_digest(directory, MODEL_FILE, state)
+    if not into_callers_model:
+        # A fresh model: checked after loading, so a model file from another run is reported
+        # as such rather than as a digest mismatch.
+        _check_digest(directory, MODEL_FILE, state)
     if vocab.num_items != model.num_items:
         raise CheckpointError(
             f"{vocab_path}: {vocab.num_items} items, but the model has {model.num_items}"

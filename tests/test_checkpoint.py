@@ -133,6 +133,25 @@ def test_other_model_is_refused(tmp_path) -> None:
     _assert_unchanged(other, before)
 
 
+def test_a_refused_checkpoint_leaves_the_callers_model_unchanged(tmp_path) -> None:
+    config, data, model = _setup()
+    _save(tmp_path / "ck", model, config, data)
+    # A model file from another run (dropout 0.5) dropped into this checkpoint (dropout 0.2):
+    # it fits the caller's dropout-0.5 model, but the checkpoint as a whole must be refused
+    # before any weight is copied in.
+    config_b = config_from_dict({"dropout": 0.5}, config)
+    _, _, seeded = _setup(seed=3)
+    model_b = build_model(config_b, data.num_items)
+    model_b.load_state_dict(seeded.state_dict())
+    _save(tmp_path / "other", model_b, config_b, data)
+    (tmp_path / "ck" / MODEL_FILE).write_bytes((tmp_path / "other" / MODEL_FILE).read_bytes())
+    target = build_model(config_b, data.num_items)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match="dropout"):
+        load_checkpoint(tmp_path / "ck", model=target)
+    _assert_unchanged(target, before)
+
+
 def test_nan_weights_are_never_saved(tmp_path) -> None:
     config, data, model = _setup()
     _save(tmp_path / "ck", model, config, data, tag=1)
