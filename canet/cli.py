@@ -80,8 +80,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in PASSTHROUGH:
         return _run_passthrough(argv[0], argv[1:])
     try:
-        from .backends import BackendUnavailableError
-
         parser = build_parser()
         try:
             args, extra = parser.parse_known_args(argv)
@@ -92,9 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args, extra) or 0)
-    except (CanetError, ValueError, BackendUnavailableError) as error:
+    except (CanetError, ValueError) as error:  # BackendUnavailableError is a CanetError
         message = " ".join(str(error).splitlines()) or type(error).__name__
         print(f"canet: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:  # an unwritable --out/--output, a full disk: the user's to fix
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"canet: error: {where}{error.strerror or error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("canet: interrupted", file=sys.stderr)

@@ -6,7 +6,8 @@ target per split (test: the last item, valid: the second to last); the input is 
 is never a candidate; by default the items of the input window are excluded (as the paper's
 code), so a repeated target counts as a miss. Ties rank optimistically (``canet.metrics``).
 Scores come from the PyTorch model (``model.score``) or from ``canet.Engine`` with any backend;
-both route with the router's argmax, so the metrics are identical.
+both route with the router's argmax: the torch backend gives identical metrics, the native ones
+agree up to float rounding (a near-tie in routing or ranking can flip).
 
 ``canet evaluate RUN_DIR --data LOG [--split test|valid] [--backend model|auto|torch|cpu|...]``
 """

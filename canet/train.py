@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -311,6 +312,25 @@ def _check_resumable(saved: TrainConfig, requested: TrainConfig, directory: Path
         )
 
 
+def _set_aside_previous_run(run_dir: Path) -> str:
+    """Move the run in ``run_dir`` to ``run_dir/replaced/`` (one generation is kept).
+
+    A new run must never sit beside another run's best/ (evaluate and recommend would serve
+    the old model if the new one fails before its first validation), and a failed new run
+    must not lose the old one either.
+    """
+    replaced = run_dir / "replaced"
+    if replaced.exists():
+        shutil.rmtree(replaced)
+    replaced.mkdir()
+    moved = []
+    for path in sorted(run_dir.iterdir()):
+        if path.name in ("best", "last", "config.yaml") or path.name.startswith("metrics"):
+            os.replace(path, replaced / path.name)
+            moved.append(path.name)
+    return f"--overwrite: moved the previous run ({', '.join(moved)}) to {replaced}"
+
+
 def train(
     config: TrainConfig,
     data: SequenceData,
@@ -338,6 +358,8 @@ def train(
         )
     if resume and not (run_dir / "last").exists():
         raise CheckpointError(f"{run_dir / 'last'}: no checkpoint to resume from")
+    if has_run and overwrite and not resume:
+        log(f"canet: {_set_aside_previous_run(run_dir)}")
 
     threads_before = torch.get_num_threads()
     if config.threads:

@@ -196,3 +196,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys) -> None:
     assert sum(summary["routing_histogram"]) == summary["num_users"]
     assert (tmp_path / "canet" / "best" / "model.safetensors").exists()
     assert (tmp_path / "full" / "metrics.json").exists()
+
+
+def test_unwritable_output_is_a_one_line_error(tmp_path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    message = _fail(capsys, ["demo", "--quick", "--out", str(blocker / "run")])
+    assert str(blocker) in message

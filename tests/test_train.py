@@ -140,3 +140,30 @@ def test_nan_gradient_is_caught(tmp_path, data, monkeypatch) -> None:
     monkeypatch.setattr(train_module, "step_loss", bad_gradient)
     result = train(config_from_dict({**TINY, "epochs": 1}), data, tmp_path, log=_quiet)
     assert result.skipped_steps == 1
+
+
+def test_a_failed_overwrite_run_neither_mixes_runs_nor_loses_the_old_one(
+    tmp_path, data, monkeypatch
+) -> None:
+    config = config_from_dict({**TINY, "epochs": 1})
+    train(config, data, tmp_path, log=_quiet)
+    old_best = (tmp_path / "best" / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="already holds"):
+        train(config, data, tmp_path, log=_quiet)
+    real = train_module.step_loss
+
+    def always_nan(*args, **kwargs):
+        loss, parts, chosen = real(*args, **kwargs)
+        return loss * float("nan"), parts, chosen
+
+    monkeypatch.setattr(train_module, "step_loss", always_nan)
+    messages = []
+    with pytest.raises(TrainingDivergedError):
+        train(config_from_dict({"max_bad_steps": 1}, config), data, tmp_path, overwrite=True,
+              log=messages.append)
+    # The failed run left no best/ of its own, and the old run's is not served in its place...
+    assert not (tmp_path / "best").exists()
+    # ...but it is kept, whole, under replaced/.
+    assert (tmp_path / "replaced" / "best" / "model.safetensors").read_bytes() == old_best
+    load_checkpoint(tmp_path / "replaced")
+    assert any("replaced" in m for m in messages)
