@@ -111,6 +111,11 @@ class Engine:
 
     # -- public API --------------------------------------------------------------------------
     @property
+    def last_config_ids(self) -> Tensor | None:
+        """Config id of each user ``[B]`` (input order) of the last batch (None before one)."""
+        return None if self._last_batch is None else self._last_batch[0]
+
+    @property
     def last_plan(self) -> PlanSummary | None:
         """Routing histogram, groups and FLOPs of the last batch (None before the first)."""
         if self._last_plan is None and self._last_batch is not None:
@@ -151,19 +156,41 @@ class Engine:
         return capture(batch_size, routed=routed)
 
     def recommend(
-        self, seqs: Tensor, k: int = 10, exclude_history: bool = True
+        self,
+        seqs: Tensor,
+        k: int = 10,
+        exclude_history: bool = True,
+        config_ids: Tensor | None = None,
+        exclude: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Top-k items per user: (item ids ``[B, k]`` int64, scores ``[B, k]``), internal ids,
         best first. Padding is never recommended; with ``exclude_history`` neither are the
-        items in the user's input. A user with fewer than k candidates gets id -1 and score
-        -inf in the remaining slots (as ``canet.ops.score_topk``). Scores are computed in user
-        chunks of at most ``max_score_elements``.
+        items in the user's input ``seqs``; ``exclude = (rows [P], items [P])`` removes more
+        (user row, item) pairs, e.g. a history longer than ``max_len``. A user with fewer than
+        k candidates gets id -1 and score -inf in the remaining slots (as
+        ``canet.ops.score_topk``). ``config_ids [B]``: as in :meth:`score`. Scores are computed
+        in user chunks of at most ``max_score_elements``.
         """
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_items:
             raise ValueError(f"k must be an int in [1, {self.num_items}], got {k!r}")
         seqs = self._check(seqs)
+        if exclude is not None:
+            rows, items = (t.to(self.device, torch.int64) for t in exclude)
+            if rows.shape != items.shape or rows.dim() != 1:
+                raise ValueError(
+                    "exclude must be two 1-D tensors (rows [P], items [P]) of equal length, "
+                    f"got shapes {tuple(rows.shape)} and {tuple(items.shape)}"
+                )
+            if rows.numel() and not (
+                0 <= int(rows.min()) and int(rows.max()) < seqs.shape[0]
+                and 0 <= int(items.min()) and int(items.max()) <= self.num_items
+            ):
+                raise ValueError(
+                    f"exclude: rows must be in [0, {seqs.shape[0] - 1}] and items in "
+                    f"[0, {self.num_items}]"
+                )
         with torch.inference_mode():
-            config_ids, routed = self._config_ids(seqs, None)
+            config_ids, routed = self._config_ids(seqs, config_ids)
             chunk = max(1, self.max_score_elements // (self.num_items + 1))
             ids, values = [], []
             for start in range(0, seqs.shape[0], chunk):
@@ -171,6 +198,9 @@ class Engine:
                 scores = self._scores(part, config_ids[start : start + chunk])
                 if exclude_history:
                     scores.scatter_(1, part, float("-inf"))
+                if exclude is not None:
+                    inside = (rows >= start) & (rows < start + part.shape[0])
+                    scores[rows[inside] - start, items[inside]] = float("-inf")
                 top = scores.topk(k, dim=-1)
                 # topk fills a short list with excluded (-inf) columns: never return those.
                 ids.append(top.indices.masked_fill(torch.isneginf(top.values), -1))

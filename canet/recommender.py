@@ -165,25 +165,30 @@ class Recommender:
                 seqs[row, self.max_len - len(recent) :] = torch.from_numpy(recent)
             seqs = seqs.to(device)
             config_ids = (
-                self.engine.route(seqs) if self.fixed_config_id is None
+                None if self.fixed_config_id is None
                 else torch.full((len(chunk),), self.fixed_config_id, device=device)
             )
-            scores = self.engine.score(seqs, config_ids).float()
-            if exclude_history:
+            exclude = None
+            if exclude_history:  # the whole history, also what is older than max_len
                 rows = torch.cat([
                     torch.full((len(encoded[key]),), row, dtype=torch.int64)
                     for row, key in enumerate(chunk)
                 ])
-                cols = torch.from_numpy(np.concatenate([encoded[key] for key in chunk]))
-                scores[rows.to(device), cols.to(device)] = float("-inf")
-            top = scores.topk(k, dim=-1)
+                items = torch.from_numpy(np.concatenate([encoded[key] for key in chunk]))
+                exclude = (rows, items)
+            top_ids, top_values = self.engine.recommend(
+                seqs, k, exclude_history=False, config_ids=config_ids, exclude=exclude
+            )
+            chosen = self.engine.last_config_ids
             for row, key in enumerate(chunk):
-                values = top.values[row].tolist()
-                ids = top.indices[row].tolist()
-                kept = [(i, v) for i, v in zip(ids, values, strict=True) if v != float("-inf")]
+                kept = [
+                    (i, v)
+                    for i, v in zip(top_ids[row].tolist(), top_values[row].tolist(), strict=True)
+                    if i > 0
+                ]
                 tokens = self.vocab.item_tokens([i for i, _ in kept])
                 out[key] = [(t, v) for t, (_, v) in zip(tokens, kept, strict=True)]
-                self.last_config_ids[key] = int(config_ids[row])
+                self.last_config_ids[key] = int(chosen[row])
         return out
 
 

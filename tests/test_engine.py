@@ -277,3 +277,23 @@ def test_last_plan_is_none_before_the_first_batch_and_follows_each_batch():
     assert engine.last_plan.histogram[35] == 1
     engine.score(batch(2, 1), torch.tensor([4, 4]))
     assert engine.last_plan.histogram[4] == 2 and engine.last_plan.num_users == 2
+
+
+def test_recommend_with_given_configs_and_extra_exclusions():
+    model = make_model(torch.float32)
+    engine = Engine(model, backend="torch", max_score_elements=2 * (NUM_ITEMS + 1))
+    seqs = batch(5, 8)
+    config_ids = torch.tensor([0, 35, 7, 7, 20])
+    rows = torch.tensor([0, 0, 3, 4])
+    items = torch.tensor([5, 9, 1, 60])
+    ids, values = engine.recommend(seqs, k=6, config_ids=config_ids, exclude=(rows, items))
+    scores = reference(model, seqs, config_ids).scatter(1, seqs, float("-inf"))
+    scores[rows, items] = float("-inf")
+    want = scores.topk(6, dim=-1)
+    torch.testing.assert_close(values, want.values)
+    assert torch.equal(engine.last_config_ids, config_ids)
+    assert engine.last_plan.flops_router == 0
+    for row, item in zip(rows.tolist(), items.tolist(), strict=True):
+        assert item not in ids[row].tolist()
+    with pytest.raises(ValueError, match="exclude"):
+        engine.recommend(seqs, k=3, exclude=(torch.tensor([5]), torch.tensor([1])))
