@@ -109,7 +109,7 @@ def smallest_hits(
     (as the paper's code). seqs ``[B, L]`` -> bool ``[B]``. No gradients."""
     with torch.no_grad():
         smallest = model.space.configs[model.space.smallest_id]
-        scores = model.supernet.logits(model.supernet.hidden_sliced(seqs, smallest)[:, -1])
+        scores = model.supernet.logits(model.supernet.hidden_last(seqs, smallest))
         if exclude_history:
             scores = scores.scatter(1, seqs, float("-inf"))
         # Rank by count so an excluded (-inf) target is never a hit, even with k >= N.
