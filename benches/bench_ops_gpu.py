@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,6 +28,9 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from canet import _ext, ops  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling GPU benchmark
+from gpu_bench import graph_of, time_ms  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HIDDEN_SIZES = (64, 96, 128)
@@ -83,32 +85,7 @@ def make_inputs(args: argparse.Namespace, device: str) -> dict:
 
 def time_us(fn, iters: int, warmup: int) -> float:
     """Median microseconds of ``fn()`` over ``iters`` CUDA-event-timed calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1000.0)
-    return statistics.median(samples)
-
-
-def graph_of(fn):
-    """Record ``fn`` in a CUDA graph (fails if it syncs with the host); returns the replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return time_ms(fn, iters, warmup) * 1000.0
 
 
 def torch_topk(x: dict, k: int):

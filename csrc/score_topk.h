@@ -22,6 +22,12 @@ void check_score_topk_inputs(const at::Tensor& hidden, const at::Tensor& hidden_
                              const at::Tensor& weight, const at::Tensor& bias,
                              const at::Tensor& history, int64_t k);
 
+// Rows with unit inner stride are read in place (the output layer's weight; a slice of the
+// last position's hidden states); anything else is copied once.
+inline at::Tensor rows_unit_stride(const at::Tensor& t) {
+  return t.stride(1) == 1 || t.size(1) <= 1 ? t : t.contiguous();
+}
+
 // True when history means "exclude nothing": undefined or without elements.
 inline bool score_topk_no_history(const at::Tensor& history) {
   return !history.defined() || history.numel() == 0;

@@ -198,12 +198,6 @@ void score_topk_kernel(const at::Tensor& hidden, const int64_t* sizes, const at:
   });
 }
 
-// hidden and weight are read in place when their rows are unit-stride (the usual case: the
-// output layer's weight, or a slice of the last position's hidden states).
-at::Tensor rows_unit_stride(const at::Tensor& t) {
-  return t.stride(1) == 1 || t.size(1) <= 1 ? t : t.contiguous();
-}
-
 ScoreTopkResult score_topk_cpu(const at::Tensor& hidden, const at::Tensor& hidden_sizes,
                                const at::Tensor& weight, const at::Tensor& bias,
                                const std::optional<at::Tensor>& history_opt, int64_t k) {

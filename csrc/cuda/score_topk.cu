@@ -14,12 +14,6 @@
 namespace canet {
 namespace {
 
-// Rows with unit inner stride are read in place (the output layer's weight; a slice of the
-// last position's hidden states), anything else is copied once.
-at::Tensor rows_unit_stride(const at::Tensor& t) {
-  return t.stride(1) == 1 || t.size(1) <= 1 ? t : t.contiguous();
-}
-
 ScoreTopkResult score_topk_cuda(const at::Tensor& hidden, const at::Tensor& hidden_sizes,
                                 const at::Tensor& weight, const at::Tensor& bias,
                                 const std::optional<at::Tensor>& history_opt, int64_t k) {
