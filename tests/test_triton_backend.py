@@ -74,6 +74,18 @@ def test_scores_match_model(dtype, tol, case):
 
 
 @pytest.mark.interpreter
+def test_padding_inside_sequences_is_never_attended():
+    """Zeros between real items (not only on the left) are keys to skip, as in the model."""
+    model, backend = make(SMALL, torch.float32, 7)
+    seqs = batch(6, seed=11, max_len=7, num_items=NUM_ITEMS, heavy_padding=False)
+    seqs[0, 2] = 0
+    seqs[1, 1:5] = 0
+    seqs[2, :6:2] = 0
+    seqs[3, 5] = 0
+    check_scores(model, backend, seqs, torch.tensor([0, 7, 3, 4, 6, 1]), 1e-4)
+
+
+@pytest.mark.interpreter
 def test_default_space():
     """The real space (depth 8, widths 128): 12 users over 11 configs of every depth and width
     (all 36 at once is left to the GPU tests: the interpreter needs minutes for it)."""
