@@ -82,12 +82,13 @@ class TrainConfig:
     tau_start: float = 1.0  # Gumbel temperature at epoch 0
     tau_end: float = 1.0  # floor of the annealed temperature
     tau_decay: float = 1.0  # per-epoch factor: tau = max(tau_end, tau_start * tau_decay**epoch)
-    guide_weight: float = 0.01
-    uniform_weight: float = 0.01
-    guide_k: int = 10
-    sharpness_emb: float = 2.0
-    sharpness_hidden: float = 2.0
-    sharpness_depth: float = 1.0
+    # The paper's loss settings; their defaults live once, in canet.losses.LossWeights.
+    guide_weight: float = LossWeights.guide
+    uniform_weight: float = LossWeights.uniform
+    guide_k: int = LossWeights.guide_k
+    sharpness_emb: float = LossWeights.sharpness_emb
+    sharpness_hidden: float = LossWeights.sharpness_hidden
+    sharpness_depth: float = LossWeights.sharpness_depth
     validate_router_input: bool = False  # run the router's boundary checks on every batch
     max_bad_steps: int = 10  # NaN/inf losses or gradients tolerated before training stops
     # -- evaluation / early stopping ----------------------------------------------------------
