@@ -322,6 +322,23 @@ def _find_column(
     return None
 
 
+def _header_columns(
+    path: str,
+    number: int,
+    names: Sequence[str],
+    column_map: Mapping[str, str],
+    user_names: Sequence[str],
+    item_names: Sequence[str],
+) -> tuple[int, int, int | None]:
+    """(user, item, timestamp or None) column indices of a lower-cased header."""
+    user = _find_column(path, number, names, "user", column_map.get("user"), user_names, True)
+    item = _find_column(path, number, names, "item", column_map.get("item"), item_names, True)
+    time = _find_column(
+        path, number, names, "timestamp", column_map.get("timestamp"), _TIME_COLUMNS, False
+    )
+    return user, item, time
+
+
 def _read_atomic(path: str, column_map: Mapping[str, str]) -> InteractionLog:
     lines = _iter_lines(path)
     header_number, header = next(
@@ -339,20 +356,8 @@ def _read_atomic(path: str, column_map: Mapping[str, str]) -> InteractionLog:
                 f"token_seq/float_seq), got {_show(name)}",
             )
     names = [name.strip().split(":", 1)[0].lower() for name in header_fields]
-    user_col = _find_column(
-        path, header_number, names, "user", column_map.get("user"), ("user_id",), required=True
-    )
-    item_col = _find_column(
-        path, header_number, names, "item", column_map.get("item"), ("item_id",), required=True
-    )
-    time_col = _find_column(
-        path,
-        header_number,
-        names,
-        "timestamp",
-        column_map.get("timestamp"),
-        _TIME_COLUMNS,
-        required=False,
+    user_col, item_col, time_col = _header_columns(
+        path, header_number, names, column_map, ("user_id",), ("item_id",)
     )
     width = len(header_fields)
     columns = _Columns(path)
@@ -414,20 +419,8 @@ def _read_csv(path: str, column_map: Mapping[str, str]) -> InteractionLog:
     if header_number is None or header is None:
         raise DataFormatError(path, None, "file is empty (no non-blank line)")
     names = [name.strip().lower() for name in header]
-    user_col = _find_column(
-        path, header_number, names, "user", column_map.get("user"), _USER_COLUMNS, required=True
-    )
-    item_col = _find_column(
-        path, header_number, names, "item", column_map.get("item"), _ITEM_COLUMNS, required=True
-    )
-    time_col = _find_column(
-        path,
-        header_number,
-        names,
-        "timestamp",
-        column_map.get("timestamp"),
-        _TIME_COLUMNS,
-        required=False,
+    user_col, item_col, time_col = _header_columns(
+        path, header_number, names, column_map, _USER_COLUMNS, _ITEM_COLUMNS
     )
     width = len(header)
     columns = _Columns(path)
