@@ -111,7 +111,7 @@ def bench_cell(model, engines, batch, max_len, items, mix, args) -> dict:
     seqs = torch.randint(1, items + 1, (batch, max_len), generator=g).to(device)
     lengths = torch.randint(1, max_len + 1, (batch,), generator=g).to(device)
     seqs[torch.arange(max_len, device=device)[None, :] < (max_len - lengths)[:, None]] = 0
-    plan = ops.plan(ids, space.table(device), check_ids=False)
+    plan = ops.plan(ids, space.table(device), check_ids=False, max_depth=space.max_depth)
     # The torch backend reads group sizes on the host: hand it host copies so that a graph
     # recorded for this plan never syncs (the graph is then valid for this mix only).
     host_plan = plan._replace(group_config=plan.group_config.cpu(),

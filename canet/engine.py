@@ -120,7 +120,9 @@ class Engine:
         """Routing histogram, groups and FLOPs of the last batch (None before the first)."""
         if self._last_plan is None and self._last_batch is not None:
             config_ids, routed = self._last_batch
-            plan = ops.plan(config_ids, self._table, check_ids=False)
+            plan = ops.plan(
+                config_ids, self._table, check_ids=False, max_depth=self.space.max_depth
+            )
             self._last_plan = self._summarize(plan, routed)
         return self._last_plan
 
@@ -222,7 +224,8 @@ class Engine:
         from_ids = getattr(self._impl, "scores_from_ids", None)
         if from_ids is not None:
             return from_ids(seqs, config_ids)
-        return self._impl.scores(seqs, ops.plan(config_ids, self._table, check_ids=False))
+        plan = ops.plan(config_ids, self._table, check_ids=False, max_depth=self.space.max_depth)
+        return self._impl.scores(seqs, plan)
 
     def _remember(self, config_ids: Tensor, routed: bool) -> None:
         self._last_batch = (config_ids, routed)

@@ -39,7 +39,9 @@ class Plan(NamedTuple):
     layer_active: Tensor
 
 
-def _validate(config_ids: Tensor, config_table: Tensor, check_ids: bool) -> None:
+def _validate(
+    config_ids: Tensor, config_table: Tensor, check_ids: bool, max_depth: int | None
+) -> None:
     if not isinstance(config_ids, Tensor) or not isinstance(config_table, Tensor):
         raise ValueError(
             "plan: config_ids and config_table must be torch.Tensor, got "
@@ -64,6 +66,17 @@ def _validate(config_ids: Tensor, config_table: Tensor, check_ids: bool) -> None
             "plan: config_ids and config_table must be on the same device, got "
             f"{config_ids.device} and {config_table.device}"
         )
+    if max_depth is not None and (
+        isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0
+    ):
+        raise ValueError(f"plan: max_depth must be an int >= 0 or None, got {max_depth!r}")
+    if max_depth is not None and config_table.device.type == "cpu":
+        table_depth = max(int(config_table[:, 0].max()), 0)
+        if max_depth != table_depth:
+            raise ValueError(
+                f"plan: max_depth must equal the table's largest depth {table_depth}, got "
+                f"{max_depth}"
+            )
     if check_ids and config_ids.numel() > 0:
         lo, hi = (int(v) for v in torch.aminmax(config_ids))
         if lo < 0 or hi >= num_configs:
@@ -73,15 +86,23 @@ def _validate(config_ids: Tensor, config_table: Tensor, check_ids: bool) -> None
             )
 
 
-def plan_reference(config_ids: Tensor, config_table: Tensor, *, check_ids: bool = True) -> Plan:
+def plan_reference(
+    config_ids: Tensor,
+    config_table: Tensor,
+    *,
+    check_ids: bool = True,
+    max_depth: int | None = None,
+) -> Plan:
     """Pure-PyTorch :func:`plan` (composite-key stable sorts); same contract and results.
 
     Args:
         config_ids: [B] int64 in [0, C), config of each user.
         config_table: [C, 3] int64, row c = (depth, hidden, emb) of config c, same device.
         check_ids: check the ids' range (one device->host sync on GPU tensors).
+        max_depth: accepted for the same signature as :func:`plan`; the reference reads it
+            from the table.
     """
-    _validate(config_ids, config_table, check_ids)
+    _validate(config_ids, config_table, check_ids, max_depth)
     device = config_ids.device
     num_configs = config_table.shape[0]
     batch = config_ids.shape[0]
@@ -109,7 +130,13 @@ def plan_reference(config_ids: Tensor, config_table: Tensor, *, check_ids: bool 
     return Plan(order, inverse, group_config, group_offsets, layer_active)
 
 
-def plan(config_ids: Tensor, config_table: Tensor, *, check_ids: bool = True) -> Plan:
+def plan(
+    config_ids: Tensor,
+    config_table: Tensor,
+    *,
+    check_ids: bool = True,
+    max_depth: int | None = None,
+) -> Plan:
     """Group a batch of users by architecture: see :class:`Plan` for the outputs.
 
     Args:
@@ -117,13 +144,19 @@ def plan(config_ids: Tensor, config_table: Tensor, *, check_ids: bool = True) ->
         config_table: [C, 3] int64, row c = (depth, hidden, emb) of config c, same device.
         check_ids: check the ids' range in Python. On GPU tensors that costs a device->host
             sync; callers whose ids come from the router (always in range) may pass False.
+        max_depth: the table's largest depth (``RoutingSpace.max_depth``), the length of
+            ``layer_active``. None reads it from the table: on GPU tensors a device->host sync,
+            so pass it where the plan must stay asynchronous (CUDA graphs). A wrong value is
+            caught on CPU tables only.
 
     Raises:
-        ValueError: on a wrong dtype, shape, device mix or (with check_ids) out-of-range id.
+        ValueError: on a wrong dtype, shape, device mix, max_depth or (with check_ids)
+            out-of-range id.
     """
-    _validate(config_ids, config_table, check_ids)
+    _validate(config_ids, config_table, check_ids, max_depth)
     if _ext.has_kernel("plan", config_ids.device.type):
-        return Plan(*torch.ops.canet.plan(config_ids, config_table))
+        depth = -1 if max_depth is None else max_depth
+        return Plan(*torch.ops.canet.plan(config_ids, config_table, depth))
     return plan_reference(config_ids, config_table, check_ids=False)
 
 

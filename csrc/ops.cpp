@@ -7,7 +7,8 @@
 
 namespace canet {
 
-void check_plan_inputs(const at::Tensor& config_ids, const at::Tensor& config_table) {
+void check_plan_inputs(const at::Tensor& config_ids, const at::Tensor& config_table,
+                       int64_t max_depth) {
   TORCH_CHECK(config_ids.scalar_type() == at::kLong,
               "canet::plan: config_ids must be int64, got ", config_ids.scalar_type());
   TORCH_CHECK(config_table.scalar_type() == at::kLong,
@@ -23,14 +24,18 @@ void check_plan_inputs(const at::Tensor& config_ids, const at::Tensor& config_ta
   TORCH_CHECK(config_ids.device() == config_table.device(),
               "canet::plan: config_ids and config_table must be on the same device, got ",
               config_ids.device(), " and ", config_table.device());
+  TORCH_CHECK(max_depth >= -1, "canet::plan: max_depth must be -1 (read it from the table) or "
+              ">= 0, got ", max_depth);
 }
 
 }  // namespace canet
 
 TORCH_LIBRARY(canet, m) {
+  // max_depth: max(config_table[:, 0]) when the caller knows it (the engine does); -1 reads it
+  // from the table, which on CUDA costs a host sync (and so cannot be captured in a graph).
   m.def(
-      "plan(Tensor config_ids, Tensor config_table) -> (Tensor order, Tensor inverse, "
-      "Tensor group_config, Tensor group_offsets, Tensor layer_active)");
+      "plan(Tensor config_ids, Tensor config_table, int max_depth=-1) -> (Tensor order, "
+      "Tensor inverse, Tensor group_config, Tensor group_offsets, Tensor layer_active)");
   // The whole routed forward of a batch: scores [B, N+1] in input order (column 0 = -inf).
   // weights: item_emb, pos_emb, in_proj w/b, 14 per block (qkv w/b, out w/b, ln1 w/b,
   // fc1 w/b, fc2 w/b, ln2 w/b, res_scale1, res_scale2 as 0-d), out w/b. block_users: users per

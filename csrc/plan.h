@@ -13,8 +13,10 @@ using PlanResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 
 // Checks dtype, rank, shape and device agreement; shared by every backend so the messages
 // are identical whichever kernel the dispatcher picks.
-void check_plan_inputs(const at::Tensor& config_ids, const at::Tensor& config_table);
+void check_plan_inputs(const at::Tensor& config_ids, const at::Tensor& config_table,
+                       int64_t max_depth);
 
-PlanResult plan_cpu(const at::Tensor& config_ids, const at::Tensor& config_table);
+PlanResult plan_cpu(const at::Tensor& config_ids, const at::Tensor& config_table,
+                    int64_t max_depth);
 
 }  // namespace canet

@@ -183,6 +183,27 @@ def test_native_op_rejects_bad_input(ids, table, match) -> None:  # noqa: ANN001
         native_plan(ids, table)
 
 
+@pytest.mark.parametrize("fn", [plan, plan_reference], ids=["plan", "reference"])
+def test_given_max_depth(fn, gen: torch.Generator) -> None:  # noqa: ANN001
+    ids = torch.randint(0, C, (57,), generator=gen)
+    assert_same(fn(ids, TABLE, max_depth=8), plan_reference(ids, TABLE))
+    for wrong, match in ((7, "largest depth 8, got 7"), (9, "largest depth 8, got 9"),
+                         (-1, "max_depth must be an int >= 0"), (True, "an int >= 0")):
+        with pytest.raises(ValueError, match=match):
+            fn(ids, TABLE, max_depth=wrong)
+
+
+@native
+def test_native_op_checks_max_depth(gen: torch.Generator) -> None:
+    ids = torch.randint(0, C, (57,), generator=gen)
+    assert_same(Plan(*torch.ops.canet.plan(ids, TABLE, 8)), plan_reference(ids, TABLE))
+    assert_same(Plan(*torch.ops.canet.plan(ids, TABLE, -1)), plan_reference(ids, TABLE))
+    with pytest.raises(RuntimeError, match="largest depth 8"):
+        torch.ops.canet.plan(ids, TABLE, 6)
+    with pytest.raises(RuntimeError, match="max_depth must be -1"):
+        torch.ops.canet.plan(ids, TABLE, -2)
+
+
 def test_cuda_path_dispatch_is_consistent() -> None:
     # Without a CUDA kernel, plan() must still work on every device it is given via reference.
     assert isinstance(_ext.has_kernel("plan", "cuda"), bool)
@@ -196,8 +217,27 @@ def test_cuda_matches_cpu(gen: torch.Generator) -> None:
         cpu = plan_reference(ids, TABLE)
         got = plan(ids.cuda(), TABLE.cuda())
         assert_same(Plan(*(t.cpu() for t in got)), cpu)
-    # Ties and a table with max_depth change on a new tensor (cache must not go stale).
+    # Ties, and max_depth read from a new table (no value given).
     small = torch.tensor([[3, 1, 1], [3, 1, 1], [1, 2, 2]])
     ids = torch.randint(0, 3, (1000,), generator=gen)
     got = plan(ids.cuda(), small.cuda())
     assert_same(Plan(*(t.cpu() for t in got)), plan_reference(ids, small))
+
+
+@pytest.mark.gpu
+def test_cuda_plan_with_max_depth_is_graph_capturable(gen: torch.Generator) -> None:
+    # With max_depth given the op never reads the device back, so even its first call can be
+    # recorded in a CUDA graph; a replay with new ids in the same buffer must re-plan them.
+    if not _ext.has_kernel("plan", "cuda"):
+        pytest.skip(f"canet._C has no CUDA kernel for canet::plan: {_ext.reason()}")
+    ids = torch.randint(0, C, (4096,), generator=gen).cuda()
+    table = TABLE.cuda()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.canet.plan(ids, table, 8)
+    for _ in range(2):
+        fresh = torch.randint(0, C, (4096,), generator=gen)
+        ids.copy_(fresh)
+        graph.replay()
+        assert_same(Plan(*(t.cpu() for t in captured)), plan_reference(fresh, TABLE))

@@ -11,8 +11,9 @@
 
 namespace canet {
 
-PlanResult plan_cpu(const at::Tensor& config_ids, const at::Tensor& config_table) {
-  check_plan_inputs(config_ids, config_table);
+PlanResult plan_cpu(const at::Tensor& config_ids, const at::Tensor& config_table,
+                    int64_t given_max_depth) {
+  check_plan_inputs(config_ids, config_table, given_max_depth);
   TORCH_CHECK(config_ids.device().is_cpu(), "canet::plan (CPU kernel): expected CPU tensors, got ",
               config_ids.device());
   const at::Tensor ids_c = config_ids.contiguous();
@@ -73,6 +74,9 @@ PlanResult plan_cpu(const at::Tensor& config_ids, const at::Tensor& config_table
 
   int64_t max_depth = 0;
   for (int64_t c = 0; c < C; ++c) max_depth = std::max(max_depth, depth(c));
+  TORCH_CHECK(given_max_depth < 0 || given_max_depth == max_depth,
+              "canet::plan: max_depth must equal the table's largest depth ", max_depth,
+              " (or be -1), got ", given_max_depth);
   // users_at_depth[d] = #users of depth exactly d; layer_active[i] is its suffix sum over d > i.
   std::vector<int64_t> users_at_depth(static_cast<size_t>(max_depth) + 1, 0);
   for (int64_t c = 0; c < C; ++c) {

@@ -3,45 +3,17 @@
 #include "plan_kernel.cuh"
 
 #include <ATen/ATen.h>
-#include <c10/core/TensorImpl.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
-#include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
-
-#include <mutex>
 
 namespace canet {
 namespace {
 
-// layer_active's length is max(config_table[:, 0]), a value on the device: reading it costs a
-// host sync. The engine passes the same config_table tensor every batch, so the value is cached
-// per tensor (weak reference + version counter): a freed or modified-in-place table misses.
-int64_t cached_max_depth(const at::Tensor& table) {
-  using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
-  static std::mutex mu;
-  static WeakImpl cached_impl{c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
-  static uint32_t cached_version = 0;
-  static int64_t cached_value = 0;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto alive = cached_impl.lock();
-    if (alive.defined() && alive.get() == table.unsafeGetTensorImpl() &&
-        cached_version == table._version()) {
-      return cached_value;
-    }
-  }
-  const int64_t value = table.select(1, 0).max().item<int64_t>();
-  std::lock_guard<std::mutex> lock(mu);
-  cached_impl = WeakImpl(table.getIntrusivePtr());
-  cached_version = table._version();
-  cached_value = value;
-  return value;
-}
-
-PlanResult plan_cuda(const at::Tensor& config_ids, const at::Tensor& config_table) {
-  check_plan_inputs(config_ids, config_table);
+PlanResult plan_cuda(const at::Tensor& config_ids, const at::Tensor& config_table,
+                     int64_t given_max_depth) {
+  check_plan_inputs(config_ids, config_table, given_max_depth);
   TORCH_CHECK(config_ids.is_cuda(), "canet::plan (CUDA kernel): expected CUDA tensors, got ",
               config_ids.device());
   const int64_t C = config_table.size(0);
@@ -51,7 +23,12 @@ PlanResult plan_cuda(const at::Tensor& config_ids, const at::Tensor& config_tabl
   const at::Tensor ids = config_ids.contiguous();
   const at::Tensor table = config_table.contiguous();
   const int64_t B = ids.size(0);
-  const int64_t max_depth = std::max<int64_t>(cached_max_depth(config_table), 0);
+  // layer_active's length. Trusted when given (checking it would need the table's values on
+  // the host); a wrong value only changes how many layers are counted, never the writes' bounds.
+  const int64_t max_depth =
+      given_max_depth >= 0
+          ? given_max_depth
+          : std::max<int64_t>(table.select(1, 0).max().item<int64_t>(), 0);  // host sync
 
   auto opts = ids.options();
   at::Tensor order = at::empty({B}, opts);
