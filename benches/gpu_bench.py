@@ -13,7 +13,11 @@ Methods: ``dense`` (PyTorch supernet, every user at the largest config, sliced p
 torch backend eager / replayed from a CUDA graph recorded for the batch's plan), ``triton`` /
 ``triton_graph`` (engine triton backend eager / CUDA graph).
 
-Writes ``benches/results/<date>-<gpu>.json`` and ``.md`` and prints a short table last.
+Writes ``<out>/<date>-<gpu>.json`` and ``.md`` (``--out`` defaults to ``benches/results``;
+``--name`` overrides the base name) after every cell, so a crash or a kill keeps the cells
+already measured, and prints a short table last. A cell or method that raises is recorded with
+its error and the run goes on; a cell whose triton scores differ from the torch backend's is
+recorded with ``ok: false``. The exit status is 1 when any cell failed either way.
 ``--dry-run`` checks the arguments and the mixes without a GPU.
 """
 
@@ -23,9 +27,12 @@ import argparse
 import datetime as dt
 import json
 import math
+import re
+import signal
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -36,6 +43,24 @@ from canet.bench import make_config_ids
 METHODS = ("dense", "masked", "torch", "torch_graph", "triton", "triton_graph")
 MIXES = ("paper", "uniform", "largest")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MAX_REL_ERR = 0.1  # triton vs torch backend, same dtype: a wrong kernel is far above this
+
+
+class Interrupted(BaseException):
+    """SIGTERM (``timeout``): not an Exception, so no per-cell handler swallows it."""
+
+
+def on_sigterm(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+def slug(name: str) -> str:
+    """A device name as a file-name piece: letters, digits, '.', '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip()) or "unknown"
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,8 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=360.0,
                         help="stop starting new cells after this many seconds")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--name", default=None,
+                        help="base name of the result files (default <date>-<gpu>)")
     parser.add_argument("--dry-run", action="store_true", help="check arguments and mixes only")
     args = parser.parse_args(argv)
+    if args.name is not None and (not args.name or slug(args.name) != args.name):
+        parser.error("--name may hold only letters, digits, '.', '_' and '-'")
     for name in ("batch", "items"):
         if any(v < 1 for v in getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} values must be >= 1")
@@ -102,7 +131,9 @@ def graph_of(fn):
     return graph.replay
 
 
-def bench_cell(model, engines, batch, max_len, items, mix, args) -> dict:
+def bench_cell(model, engines, batch, max_len, items, mix, args, result: dict) -> dict:
+    """Time every method of one cell into ``result`` (which holds the cell's keys and
+    flops_fraction already) and check the triton scores against the torch backend."""
     space = model.space
     device = torch.device("cuda")
     ids_cpu = mix_ids(mix, space, batch, max_len, items)
@@ -131,25 +162,37 @@ def bench_cell(model, engines, batch, max_len, items, mix, args) -> dict:
         "torch": lambda: torch_impl.scores(seqs, host_plan),
         "triton": lambda: triton_impl.scores_from_ids(seqs, ids, out=out),
     }
-    result = {"batch": batch, "max_len": max_len, "items": items, "mix": mix,
-              "flops_fraction": flops_fraction(ids_cpu, space, max_len, items), "ms": {}}
+    result["ms"], result["errors"] = {}, {}
     with torch.inference_mode():
         for method in args.methods:
-            if method == "torch_graph":
-                fn = graph_of(calls["torch"])
-            elif method == "triton_graph":
-                captured = triton_impl.capture(batch, routed=False)
-                fn = lambda c=captured: c(seqs, ids)  # noqa: E731
-            else:
-                fn = calls[method]
-            result["ms"][method] = time_ms(fn, args.iters, args.warmup)
+            try:
+                if method == "torch_graph":
+                    fn = graph_of(calls["torch"])
+                elif method == "triton_graph":
+                    captured = triton_impl.capture(batch, routed=False)
+                    fn = lambda c=captured: c(seqs, ids)  # noqa: E731
+                else:
+                    fn = calls[method]
+                result["ms"][method] = time_ms(fn, args.iters, args.warmup)
+            except Exception as exc:  # recorded; the other methods still run
+                result["errors"][method] = error_text(exc)
+                traceback.print_exc()
         # Correctness guard: the timed triton path must equal the torch backend.
-        want = torch_impl.scores(seqs, host_plan).float()
-        got = triton_impl.scores_from_ids(seqs, ids, out=out).float()
-        err = ((got[:, 1:] - want[:, 1:]).abs().max() / want[:, 1:].abs().max()).item()
-        result["triton_vs_torch_rel_err"] = err
-        if not math.isfinite(err) or err > 0.1:
-            raise SystemExit(f"FAILED: triton scores differ from torch by {err:.3g} in {result}")
+        try:
+            want = torch_impl.scores(seqs, host_plan).float()
+            got = triton_impl.scores_from_ids(seqs, ids, out=out).float()
+            err = ((got[:, 1:] - want[:, 1:]).abs().max() / want[:, 1:].abs().max()).item()
+            result["triton_vs_torch_rel_err"] = err
+            result["ok"] = math.isfinite(err) and err <= MAX_REL_ERR
+            if not result["ok"]:
+                print(f"FAILED: triton scores differ from torch by {err:.3g} "
+                      f"(B={batch} N={items} {mix})", file=sys.stderr, flush=True)
+        except Exception as exc:
+            result["errors"]["check"] = error_text(exc)
+            result["ok"] = False
+            traceback.print_exc()
+    if not result["errors"]:
+        del result["errors"]
     return result
 
 
@@ -158,12 +201,18 @@ def summarize(results: list[dict]) -> list[dict]:
     rows = []
     largest = {(r["batch"], r["items"]): r for r in results if r["mix"] == "largest"}
     for r in results:
-        ms = r["ms"]
-        row = {k: r[k] for k in ("batch", "items", "mix", "flops_fraction")}
+        ms = r.get("ms", {})
+        row = {k: r[k] for k in ("batch", "items", "mix", "flops_fraction") if k in r}
         row.update({f"{m}_ms": round(v, 3) for m, v in ms.items()})
-        ideal = 1.0 / r["flops_fraction"]
+        if "ok" in r:
+            row["ok"] = r["ok"]
+        problems = [f"{m}: {e}" for m, e in r.get("errors", {}).items()]
+        problems += [r[k] for k in ("error", "skipped") if k in r]
+        if problems:  # one short cell: the JSON has the whole text
+            row["error"] = "; ".join(problems).replace("|", "/").replace("\n", " ")[:160]
+        ideal = 1.0 / r["flops_fraction"] if r.get("flops_fraction") else math.nan
         ref = largest.get((r["batch"], r["items"]))
-        if ref and "triton" in ms and "triton" in ref["ms"]:
+        if ref and "triton" in ms and "triton" in ref.get("ms", {}):
             row["efficiency_vs_all_largest"] = round(ref["ms"]["triton"] / ms["triton"] / ideal, 3)
         if "dense" in ms and "triton" in ms:
             row["speedup_vs_dense_over_ideal"] = round(ms["dense"] / ms["triton"] / ideal, 3)
@@ -176,8 +225,14 @@ def summarize(results: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    keys = sorted({k for row in rows for k in row}, key=lambda k: (k not in
-                  ("batch", "items", "mix", "flops_fraction"), k))
+    first, last = ("batch", "items", "mix", "flops_fraction"), ("ok", "error")
+
+    def order(key: str):
+        if key in first:
+            return (0, first.index(key), key)
+        return (2, last.index(key), key) if key in last else (1, 0, key)
+
+    keys = sorted({k for row in rows for k in row}, key=order)
     lines = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -193,43 +248,103 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dry run: mix {mix}: flops fraction {frac:.3f}")
         return 0
     if not torch.cuda.is_available():
-        raise SystemExit("FAILED: gpu_bench.py needs a CUDA device (use --dry-run without one)")
+        print("FAILED: gpu_bench.py needs a CUDA device (use --dry-run without one)",
+              file=sys.stderr)
+        return 1
     dtype = DTYPES[args.dtype]
     started = time.monotonic()
-    results = []
-    for items in args.items:
-        torch.manual_seed(0)
-        model = CANet(items, args.max_len, space).cuda().to(dtype).eval()
-        engines = {name: Engine(model, backend=name) for name in ("torch", "triton")}
-        for batch in args.batch:
-            for mix in args.mixes:
-                if time.monotonic() - started > args.budget_s:
-                    print(f"budget of {args.budget_s}s spent: skipping B={batch} N={items} {mix}",
-                          file=sys.stderr)
-                    continue
-                results.append(bench_cell(model, engines, batch, args.max_len, items, mix, args))
-                print(json.dumps(results[-1]), flush=True)
-        del model, engines
-        torch.cuda.empty_cache()
-    gpu = torch.cuda.get_device_name().replace(" ", "_")
+    gpu = torch.cuda.get_device_name()
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = summarize(results)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "dtype": args.dtype, "iters": args.iters}
+    base = args.out / (args.name or f"{stamp}-{slug(gpu)}")
+    meta = {"gpu": gpu, "torch": torch.__version__, "dtype": args.dtype, "iters": args.iters,
+            "warmup": args.warmup, "budget_s": args.budget_s, "max_len": args.max_len,
+            "status": "running"}
     try:
         import triton
 
         meta["triton"] = triton.__version__
     except ImportError:
         pass
-    path = args.out / f"{stamp}-{gpu}"
-    path.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results,
-                                                      "summary": rows}, indent=2))
-    table = markdown(rows, f"# canet GPU bench {stamp} on {meta['gpu']} ({args.dtype})")
-    path.with_suffix(".md").write_text(table)
-    print(f"wrote {path}.json and {path}.md")
+    try:
+        from canet.bench import machine_info
+
+        meta["machine"] = machine_info()
+    except Exception as exc:  # only metadata
+        meta["machine"] = error_text(exc)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+
+    def write() -> str:
+        rows = summarize(results)
+        Path(f"{base}.json").write_text(json.dumps({"meta": meta, "results": results,
+                                                     "summary": rows}, indent=2))
+        text = markdown(rows, f"# canet GPU bench {stamp} on {gpu} ({args.dtype}): "
+                              f"{meta['status']}")
+        Path(f"{base}.md").write_text(text)
+        return text
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        write()
+        for items in args.items:
+            cells = [(batch, mix) for batch in args.batch for mix in args.mixes]
+            if time.monotonic() - started > args.budget_s:  # not even the model is built
+                for batch, mix in cells:
+                    results.append({"batch": batch, "max_len": args.max_len, "items": items,
+                                    "mix": mix, "skipped": f"budget of {args.budget_s:g} s spent"})
+                print(f"budget of {args.budget_s}s spent: skipping N={items}", file=sys.stderr)
+                write()
+                continue
+            try:
+                torch.manual_seed(0)
+                model = CANet(items, args.max_len, space).cuda().to(dtype).eval()
+                engines = {name: Engine(model, backend=name) for name in ("torch", "triton")}
+            except Exception as exc:
+                traceback.print_exc()
+                for batch, mix in cells:
+                    results.append({"batch": batch, "max_len": args.max_len, "items": items,
+                                    "mix": mix, "error": f"model/engines: {error_text(exc)}"})
+                write()
+                continue
+            for batch, mix in cells:
+                cell = {"batch": batch, "max_len": args.max_len, "items": items, "mix": mix}
+                results.append(cell)
+                if time.monotonic() - started > args.budget_s:
+                    cell["skipped"] = f"budget of {args.budget_s:g} s spent"
+                    print(f"budget of {args.budget_s}s spent: skipping B={batch} N={items} {mix}",
+                          file=sys.stderr)
+                    write()
+                    continue
+                try:
+                    ids = mix_ids(mix, space, batch, args.max_len, items)
+                    cell["flops_fraction"] = flops_fraction(ids, space, args.max_len, items)
+                    bench_cell(model, engines, batch, args.max_len, items, mix, args, cell)
+                except Exception as exc:  # recorded; the next cell still runs
+                    cell["error"] = error_text(exc)
+                    traceback.print_exc()
+                print(json.dumps(cell), flush=True)
+                write()
+            del model, engines
+            try:
+                torch.cuda.empty_cache()
+            except Exception:  # a failed kernel can leave the context unusable: go on anyway
+                traceback.print_exc()
+        meta["status"] = "complete"
+    except Interrupted as exc:
+        meta["status"] = f"interrupted ({exc}) after {time.monotonic() - started:.0f} s"
+        print(f"gpu_bench: {meta['status']}", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        meta["seconds"] = round(time.monotonic() - started, 1)
+        failed = [r for r in results if "error" in r or r.get("errors") or r.get("ok") is False]
+        meta["failed_cells"] = len(failed)
+        table = write()
+        print(f"wrote {base}.json and {base}.md")
     print(table)
+    if failed or meta["status"] != "complete":
+        print(f"FAILED: {len(failed)} cell(s) with errors or mismatches; status "
+              f"{meta['status']}", file=sys.stderr)
+        return 1
     return 0
 
 

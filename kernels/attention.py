@@ -69,7 +69,9 @@ def _grouped_attention_kernel(
         query_live = queries < seq_len
         token0 = user_row * seq_len
         head_rows = head.to(tl.int64) * qkv_rows + token0  # row of (q, head, position 0)
-        plane = HEADS * qkv_rows.to(tl.int64)  # rows between the q, k and v planes
+        # tl.cast, not .to: the launcher turns an int argument equal to 1 (B * L == 1) into a
+        # constexpr, which has no .to method.
+        plane = HEADS * tl.cast(qkv_rows, tl.int64)  # rows between the q, k and v planes
         q = tl.load(
             qkv_ptr + (head_rows + queries)[:, None] * HEAD_DIM_PAD + dims[None, :],
             mask=query_live[:, None] & dim_live[None, :], other=0.0,

@@ -285,9 +285,17 @@ def grouped_linear(
         token_capacity: first last tile in ``tiles``.
         heads: attention heads (qkv layout).
         precision: fp32 ``tl.dot`` input precision, "ieee" (tf32 off) or "tf32".
+        num_programs: persistent programs (default: one per SM).
+        block_n: output columns per tile for the bias, gelu and scores epilogues (qkv and
+            residual_ln size their own); a power of two >= 16 (``tl.arange`` and ``tl.dot``
+            need it).
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {list(EPILOGUES)}")
+    if isinstance(block_n, bool) or not isinstance(block_n, int) or block_n < 16 or (
+        block_n & (block_n - 1)
+    ):
+        raise ValueError(f"grouped_linear: block_n must be a power of two >= 16, got {block_n!r}")
     code = EPILOGUES[epilogue]
     weight, bias = weights.weight, weights.bias
     device = weight.device

@@ -209,6 +209,33 @@ def prefix_nan(x: torch.Tensor, widths: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("space_name", sorted(SPACES))
 @pytest.mark.parametrize("mix", ["odd_mix", "one_user"])
 def test_embedding_projection(dtype, space_name, mix):
+    check_embedding_projection(dtype, space_name, mix)
+
+
+@pytest.mark.interpreter
+def test_embedding_projection_with_narrow_column_blocks():
+    """A non-default block_n (several column blocks per row tile) gives the same result."""
+    check_embedding_projection(torch.float32, "odd", "odd_mix", block_n=16)
+
+
+@pytest.mark.parametrize("block_n", [0, 8, 24, 100, 127, -16, 32.0, True])
+def test_grouped_linear_rejects_block_n_that_is_not_a_power_of_two_of_at_least_16(block_n):
+    """Checked before anything is launched: Triton would only fail while compiling."""
+    space, batch, seq_len = SPACES["odd"], 2, 3
+    buffers = k_plan.PlanBuffers(batch, seq_len, len(space), space.max_depth, torch.device("cpu"))
+    width = space.max_hidden
+    x = torch.zeros(batch * seq_len, width)
+    weights = k_linear.GroupedLinearWeights(torch.zeros(width, width), torch.zeros(width))
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 16"):
+        k_linear.grouped_linear(
+            "gelu", weights, x, tiles=buffers.tiles, ranges=buffers.ranges[0],
+            config_table=space.table().to(torch.int32), hidden_sizes=space.hidden,
+            emb_sizes=space.emb, seq_len=seq_len, k_source="hidden", n_source="ffn", a=x,
+            token_capacity=buffers.token_capacity, block_n=block_n,
+        )
+
+
+def check_embedding_projection(dtype, space_name, mix, block_n=128):
     space = SPACES[space_name]
     s = Setup(space, pick_ids(space, mix), 5, dtype)
     emb_w, hid_w = space.max_emb, space.max_hidden
@@ -217,7 +244,7 @@ def test_embedding_projection(dtype, space_name, mix):
     buffer, x = guarded((s.batch * s.seq_len, hid_w), dtype)
     k_linear.grouped_linear(
         "bias", weights, x, ranges=s.buffers.ranges[0], gather=(s.seqs, item_emb, pos_emb),
-        order=s.buffers.order, **s.common("emb", "hidden"),
+        order=s.buffers.order, block_n=block_n, **s.common("emb", "hidden"),
     )
     assert_guards(buffer)
     owned = torch.zeros_like(x, dtype=torch.bool)
@@ -440,6 +467,17 @@ def _narrow_accesses(ttir: str, roots: set[str]) -> tuple[int, list[str]]:
     return checked, narrow
 
 
+def _ttir_roots(ttir: str, fn, constexprs: dict, names: set[str]) -> set[str]:
+    """SSA names (without ``%``) of the kernel arguments ``names`` in ``ttir``: triton 3.4
+    prints the arguments as ``%arg0 .. %argN``, later versions under their Python names, so map
+    them by position through the ``tt.func`` header (constexprs are not arguments there)."""
+    header = next(line for line in ttir.splitlines() if "tt.func" in line)
+    ssa = re.findall(r"%([\w.#]+): ", header)
+    runtime = [name for name in fn.arg_names if name not in constexprs]
+    assert len(ssa) == len(runtime), f"tt.func arguments {ssa} != runtime arguments {runtime}"
+    return {ssa[runtime.index(name)] for name in names}
+
+
 def _compile_ttir(fn, signature: dict, constexprs: dict) -> str:
     from triton.backends.compiler import GPUTarget
 
@@ -471,13 +509,23 @@ def _linear_case(epilogue: str, gather: bool):
     return k_linear._grouped_linear_kernel, signature, constexprs, big
 
 
+def _specialize_ones(signature: dict, constexprs: dict, ones: tuple[str, ...]):
+    """What the launcher does to an int argument equal to 1: it becomes the constexpr 1."""
+    signature = {k: "constexpr" if k in ones else v for k, v in signature.items()}
+    return signature, {**constexprs, **{name: 1 for name in ones}}
+
+
 @pytest.mark.skipif(INTERPRET, reason="compiles real kernels; the interpreter replaces triton.jit")
 @pytest.mark.parametrize(
     "case",
     ["linear-gather", "linear-qkv", "linear-ln", "linear-gelu", "linear-scores", "attention",
-     "plan"],
+     "plan", "linear-qkv-B1L1", "attention-B1L1", "plan-B1L1"],
 )
 def test_ttir_offsets_into_large_buffers_are_64_bit(case):
+    """Also with B = L = 1 (``-B1L1``): int arguments equal to 1 compile as constexprs, so the
+    kernels must not call tensor methods on them (``qkv_rows.to`` did)."""
+    b1l1 = case.endswith("-B1L1")
+    case = case.removesuffix("-B1L1")
     if case.startswith("linear"):
         epilogue = {"gather": "bias", "qkv": "qkv", "ln": "residual_ln", "gelu": "gelu",
                     "scores": "scores"}[case.split("-")[1]]
@@ -503,8 +551,12 @@ def test_ttir_offsets_into_large_buffers_are_64_bit(case):
         constexprs = {"SORT": True, "MAX_DEPTH": 8, "GROUPS_PAD": 64, "BLOCK_USERS": 128,
                       "BLOCK_TILES": 128, "TILE": 64}
         big = {"tiles_ptr"}
+    if b1l1:  # the int arguments that are 1 for one user with max_len 1
+        ones = {"linear-qkv": ("seq_len", "qkv_rows"), "attention": ("qkv_rows", "seq_len"),
+                "plan": ("num_users", "seq_len")}[case]
+        signature, constexprs = _specialize_ones(signature, constexprs, ones)
     ttir = _compile_ttir(fn, signature, constexprs)
-    checked, narrow = _narrow_accesses(ttir, big)
+    checked, narrow = _narrow_accesses(ttir, _ttir_roots(ttir, fn, constexprs, big))
     assert checked, "found no loads or stores through the large buffers"
     assert not narrow, "32-bit offsets into a large buffer:\n" + "\n".join(narrow)
 

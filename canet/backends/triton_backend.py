@@ -39,6 +39,9 @@ _MIN_TRITON = (3, 4)
 
 
 def _triton_version() -> tuple[int, ...] | None:
+    """(major, minor) of the importable triton, None when there is none. The distribution
+    metadata is read first (no import); a triton installed under another distribution name
+    (``pytorch-triton`` nightlies, a source build) falls back to ``triton.__version__``."""
     if importlib.util.find_spec("triton") is None:
         return None
     from importlib.metadata import PackageNotFoundError, version
@@ -46,7 +49,12 @@ def _triton_version() -> tuple[int, ...] | None:
     try:
         text = version("triton")
     except PackageNotFoundError:
-        return None
+        try:
+            import triton
+
+            text = str(triton.__version__)
+        except Exception:  # a broken install: report it as missing
+            return None
     parts = []
     for piece in text.split(".")[:2]:
         digits = "".join(ch for ch in piece if ch.isdigit())
@@ -69,6 +77,23 @@ def requirements(device: torch.device) -> str | None:
     if found < _MIN_TRITON:
         return f"triton {'.'.join(map(str, found))} is too old: the kernels need triton >= 3.4"
     return None
+
+
+def matmul_allows_tf32() -> bool:
+    """Whether PyTorch's CUDA matmuls may use tf32 for float32, read without mixing APIs.
+
+    Since torch 2.9, once the precision was set through the new ``fp32_precision`` API (on
+    ``torch.backends`` or ``torch.backends.cuda.matmul``), reading the legacy ``allow_tf32``
+    raises; the new attribute gives the effective setting ("tf32" / "ieee", "none" when neither
+    API set it), and both legacy setters keep it in step."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
 
 
 def interpreter_enabled() -> bool:
@@ -128,7 +153,7 @@ class Backend:
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"the triton backend runs float32/float16/bfloat16, got {self.dtype}")
         # fp32 follows PyTorch's matmul switch: tf32 only when the user turned it on.
-        tf32 = self.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        tf32 = self.dtype == torch.float32 and matmul_allows_tf32()
         self.precision = "tf32" if tf32 else "ieee"
 
         table = self.space.table(device)
