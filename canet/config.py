@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -207,6 +208,9 @@ def _type_name(hint: Any) -> str:
     return {int: "int", float: "number", str: "string", bool: "bool"}.get(hint, str(hint))
 
 
+_DOTLESS_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """``value`` checked against the annotation ``hint``; raises ConfigError naming the key."""
 
@@ -249,6 +253,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         raise fail()
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 (PyYAML) reads "5e-4" and "1E3" (no dot) as strings, in files and on the
+        # command line alike; a user writing them means the number.
+        if isinstance(value, str) and _DOTLESS_EXPONENT.fullmatch(value.strip()):
             return float(value)
         raise fail()
     if hint is str:

@@ -74,6 +74,21 @@ def test_int_accepted_for_float_and_config_id_by_number() -> None:
     assert TrainConfig().fixed_config_id() is None
 
 
+@pytest.mark.parametrize(("text", "expected"), [("5e-4", 5e-4), ("1E-3", 1e-3), ("2e0", 2.0),
+                                                 (".5e-2", 0.005), ("+3.e-1", 0.3)])
+def test_exponent_without_a_dot_is_a_number(tmp_path, text: str, expected: float) -> None:
+    # YAML 1.1 reads these as strings; on the command line and in a file they mean numbers.
+    assert load_config(None, [f"--lr={text}"]).lr == pytest.approx(expected)
+    assert load_config(None, ["--lr", text]).lr == pytest.approx(expected)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"lr: {text}\nweight_decay: {text}\n")
+    config = load_config(path)
+    assert config.lr == pytest.approx(expected) and config.weight_decay == pytest.approx(expected)
+    for bad in ("5e", "e-4", "5e-4x", "nan", "inf", "1e-4e2"):
+        with pytest.raises(ConfigError, match="'lr' expects number"):
+            load_config(None, [f"--lr={bad}"])
+
+
 def test_dump_round_trips(tmp_path) -> None:
     config = config_from_dict({"epochs": 4, "column_map": {"user": "uid", "item": "iid"}})
     path = tmp_path / "config.yaml"
