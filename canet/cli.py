@@ -2,6 +2,7 @@
 
     canet train --data LOG --out RUN_DIR [--config cfg.yaml] [--key value ...]
     canet evaluate RUN_DIR --data LOG [--split test|valid] [--backend model|auto|torch|cpu]
+    canet compare RANKS_A.csv RANKS_B.csv [--metric ndcg@10]
     canet recommend RUN_DIR --input FILE -k 10 --output recs.csv
     canet demo [--data LOG] [--quick]
     canet bench ...            (canet.bench.main)
@@ -25,6 +26,8 @@ __all__ = ["COMMANDS", "main", "build_parser"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("canet.train", "train CANet (or one fixed sub-network) on an interaction log"),
     "evaluate": ("canet.evaluate", "full-ranking metrics, routing and FLOPs of a trained run"),
+    "compare": ("canet.compare",
+                "paired comparison of two models' per-user ranks (bootstrap interval)"),
     "recommend": ("canet.recommender",
                   "top-k items for histories given as a log or JSON"),
     "demo": ("canet.demo", "train CANet and the full-size baseline, evaluate, compare"),

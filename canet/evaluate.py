@@ -15,6 +15,8 @@ agree up to float rounding (a near-tie in routing or ranking can flip).
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .data import SequenceData
+from .data import SequenceData, Vocab
 from .engine import Engine
 from .errors import CanetError
 from .flops import flops, flops_router
@@ -45,6 +47,7 @@ def evaluate(
     engine: Engine | None = None,
     fixed_config_id: int | None = None,
     shuffle_routing_seed: int | None = None,
+    per_user: bool = False,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``split`` of ``data`` as a JSON-able dict.
 
@@ -54,8 +57,12 @@ def evaluate(
     split and deals them out to the users in a seeded random order: the random-routing
     baseline with exactly the router's histogram (and so its FLOPs). Otherwise the router's
     argmax decides. Results do not depend on
-    ``batch_size``. Keys: ``split``, ``metrics`` ({"ndcg@10": ...}), ``num_users``,
-    ``num_items``, ``protocol``, ``routing`` (histogram over config ids), ``flops``, ``backend``.
+    ``batch_size``. Keys: ``split``, ``metrics`` ({"ndcg@10": ...}), ``standard_errors`` (of
+    each metric's mean over users: the resolution of the test set), ``num_users``,
+    ``num_items``, ``protocol``, ``routing`` (histogram over config ids), ``flops``, ``backend``;
+    with ``per_user`` also ``per_user``: {"users", "targets", "ranks"}, int64 numpy arrays
+    ``[U]`` of internal user ids, internal target item ids and 0-based target ranks, in
+    ascending user order (for paired comparisons: :func:`canet.metrics.paired_difference`).
     """
     if model.num_items != data.num_items or model.max_len != data.max_len:
         raise CanetError(
@@ -77,6 +84,7 @@ def evaluate(
     device = model.supernet.out.weight.device
     accumulator = MetricAccumulator(ks)
     histogram = torch.zeros(space.n_configs, dtype=torch.int64)
+    collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     route = engine.route if engine is not None else model.route
     try:
         with torch.inference_mode():
@@ -88,7 +96,7 @@ def evaluate(
                 generator = torch.Generator().manual_seed(shuffle_routing_seed)
                 dealt = routed[torch.randperm(len(routed), generator=generator).to(device)]
             start = 0
-            for _, seqs, targets in data.eval_batches(split, batch_size):
+            for users, seqs, targets in data.eval_batches(split, batch_size):
                 seqs = seqs.to(device)
                 if fixed_config_id is not None:
                     config_ids = torch.full((seqs.shape[0],), fixed_config_id, device=device)
@@ -103,12 +111,16 @@ def evaluate(
                     scores = model.score(seqs, config_ids)
                 if exclude_history:
                     scores = exclude_input(scores, seqs)
-                accumulator.add(target_ranks(scores.float(), targets.to(device)))
+                ranks = target_ranks(scores.float(), targets.to(device)).cpu()
+                accumulator.add(ranks)
+                if per_user:
+                    collected.append((users, targets, ranks))
                 histogram += torch.bincount(config_ids.cpu(), minlength=space.n_configs)
     finally:
         model.train(was_training)
     results = accumulator.compute()
     num_users = int(results.pop("num_users"))
+    standard_errors = accumulator.standard_errors()
     per_config = [flops(c, model.max_len, model.num_items) for c in space.configs]
     counts = histogram.tolist()
     mean_flops = sum(n * f for n, f in zip(counts, per_config, strict=True)) / num_users
@@ -124,9 +136,10 @@ def evaluate(
         mode = f"router's histogram dealt to users at random (seed {shuffle_routing_seed})"
     else:
         mode = "router argmax"
-    return {
+    metrics = {
         "split": split,
         "metrics": results,
+        "standard_errors": standard_errors,
         "num_users": num_users,
         "num_items": model.num_items,
         "protocol": {
@@ -156,6 +169,10 @@ def evaluate(
         },
         "backend": "model" if engine is None else engine.backend,
     }
+    if per_user:
+        users, targets, ranks = (torch.cat(parts).numpy() for parts in zip(*collected, strict=True))
+        metrics["per_user"] = {"users": users, "targets": targets, "ranks": ranks}
+    return metrics
 
 
 def format_histogram(histogram: list[int], top: int = 8) -> str:
@@ -171,14 +188,30 @@ def format_histogram(histogram: list[int], top: int = 8) -> str:
     return ", ".join(shown) if shown else "(no users)"
 
 
-def write_metrics(metrics: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``metrics`` as JSON to ``path`` (atomically: temporary file, then rename)."""
+def _write_text_atomic(text: str, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def write_metrics(metrics: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``metrics`` as JSON to ``path`` (atomically: temporary file, then rename)."""
+    return _write_text_atomic(json.dumps(metrics, indent=1), path)
+
+
+def write_ranks(per_user: dict[str, Any], vocab: Vocab, path: str | os.PathLike[str]) -> Path:
+    """Per-user ranks as CSV ``user_id,item_id,rank`` in EXTERNAL ids, ``rank`` 1-based (1 =
+    the target was the top recommendation); written atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["user_id", "item_id", "rank"])
+    for user, item, rank in zip(per_user["users"].tolist(), per_user["targets"].tolist(),
+                                per_user["ranks"].tolist(), strict=True):
+        writer.writerow([vocab.user_tokens[user], vocab.item_tokens_list[item - 1], rank + 1])
+    return _write_text_atomic(buffer.getvalue(), path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +236,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "random order (same histogram, same FLOPs)",
     )
     parser.add_argument("--output", help="metrics file (default: RUN_DIR/metrics.json)")
+    parser.add_argument(
+        "--ranks-out", metavar="CSV",
+        help="also write each user's target rank (user_id,item_id,rank; external ids, rank 1 = "
+        "top) for paired comparisons between models (canet.metrics.paired_difference)",
+    )
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -226,9 +264,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         exclude_history=config.exclude_history and not args.include_history,
         batch_size=args.batch_size, backend=args.backend,
         fixed_config_id=config.fixed_config_id(loaded.model.space),
-        shuffle_routing_seed=args.shuffle_routing,
+        shuffle_routing_seed=args.shuffle_routing, per_user=args.ranks_out is not None,
     )
     metrics["checkpoint"] = str(loaded.path)
+    per_user = metrics.pop("per_user", None)
     run_dir = Path(args.run_dir)
     name = "metrics" + ("" if args.split == "test" else f"_{args.split}")
     if args.shuffle_routing is not None:
@@ -238,10 +277,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                else loaded.path) / name
     output = write_metrics(metrics, args.output or default)
     for name, value in metrics["metrics"].items():
-        print(f"{name:>10} {value:.4f}")
+        print(f"{name:>10} {value:.4f}  (s.e. {metrics['standard_errors'][name]:.4f})")
     print(f"users {metrics['num_users']}, items {metrics['num_items']}, backend "
           f"{metrics['backend']}, FLOPs {100 * metrics['flops']['fraction_of_largest']:.1f}% "
           f"of largest")
     print(f"routing: {format_histogram(metrics['routing']['histogram'])}")
     print(f"-> {output}")
+    if per_user is not None:
+        print(f"-> {write_ranks(per_user, loaded.vocab, args.ranks_out)}")
     return 0

@@ -31,7 +31,9 @@ __all__ = [
     "MetricAccumulator",
     "exclude_history",
     "exclude_pairs",
+    "paired_difference",
     "rank_metric_sums",
+    "rank_metric_values",
     "rank_metrics",
     "target_ranks",
 ]
@@ -150,25 +152,79 @@ def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
     return ks
 
 
-def rank_metric_sums(
+def rank_metric_values(
     ranks: torch.Tensor | np.ndarray | Iterable[int], ks: Iterable[int] = (5, 10, 20)
-) -> dict[str, float]:
-    """Per-batch *sums* over users of recall/hit/ndcg/mrr@K for 0-based ranks [B].
+) -> dict[str, np.ndarray]:
+    """Per-user recall/hit/ndcg/mrr@K ``[B]`` float64 for 0-based ranks ``[B]``.
 
     With one target per user: recall@K = hit@K = [rank < K];
     ndcg@K = 1 / log2(rank + 2) if rank < K; mrr@K = 1 / (rank + 1) if rank < K.
     """
     ks = _check_ks(ks)
     array = _as_numpy_ranks(ranks)
-    sums: dict[str, float] = {}
+    values: dict[str, np.ndarray] = {}
     for k in ks:
         inside = array < k
-        hits = float(inside.sum())
-        sums[f"recall@{k}"] = hits
-        sums[f"hit@{k}"] = hits
-        sums[f"ndcg@{k}"] = float((1.0 / np.log2(array[inside] + 2.0)).sum())
-        sums[f"mrr@{k}"] = float((1.0 / (array[inside] + 1.0)).sum())
-    return sums
+        hits = inside.astype(np.float64)
+        values[f"recall@{k}"] = hits
+        values[f"hit@{k}"] = hits
+        values[f"ndcg@{k}"] = np.where(inside, 1.0 / np.log2(array + 2.0), 0.0)
+        values[f"mrr@{k}"] = np.where(inside, 1.0 / (array + 1.0), 0.0)
+    return values
+
+
+def rank_metric_sums(
+    ranks: torch.Tensor | np.ndarray | Iterable[int], ks: Iterable[int] = (5, 10, 20)
+) -> dict[str, float]:
+    """Per-batch *sums* over users of :func:`rank_metric_values`."""
+    return {name: float(v.sum()) for name, v in rank_metric_values(ranks, ks).items()}
+
+
+def paired_difference(
+    ranks_a: torch.Tensor | np.ndarray | Iterable[int],
+    ranks_b: torch.Tensor | np.ndarray | Iterable[int],
+    metric: str = "ndcg@10",
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean difference A - B of ``metric`` over the SAME users, with a 95% paired bootstrap
+    interval (users resampled with replacement, percentile method).
+
+    ranks_a, ranks_b: 0-based target ranks ``[U]`` of two models for the same users in the
+    same order. Returns ``{"mean_a", "mean_b", "difference", "low", "high", "p_a_not_better"}``,
+    the last being the bootstrap share of resamples where A does not beat B.
+    """
+    a, b = _as_numpy_ranks(ranks_a), _as_numpy_ranks(ranks_b)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(
+            f"paired_difference needs ranks of the same non-empty set of users, got shapes "
+            f"{a.shape} and {b.shape}"
+        )
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    name, _, cutoff = metric.partition("@")
+    if name not in METRIC_NAMES or not cutoff.isdigit() or int(cutoff) < 1:
+        raise ValueError(f"metric must be one of {METRIC_NAMES} @ K >= 1, e.g. 'ndcg@10', "
+                         f"got {metric!r}")
+    k = int(cutoff)
+    values_a = rank_metric_values(a, (k,))[f"{name}@{k}"]
+    values_b = rank_metric_values(b, (k,))[f"{name}@{k}"]
+    diff = values_a - values_b
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # bounded memory: 1000 x U indices at a time
+        count = min(1000, resamples - start)
+        picks = rng.integers(0, diff.size, size=(count, diff.size))
+        means[start : start + count] = diff[picks].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {
+        "mean_a": float(values_a.mean()),
+        "mean_b": float(values_b.mean()),
+        "difference": float(diff.mean()),
+        "low": float(low),
+        "high": float(high),
+        "p_a_not_better": float((means <= 0).mean()),
+    }
 
 
 def rank_metrics(
@@ -190,14 +246,28 @@ class MetricAccumulator:
 
     def reset(self) -> None:
         self._sums: dict[str, float] = dict.fromkeys(rank_metric_sums([], self.ks), 0.0)
+        self._squares: dict[str, float] = dict.fromkeys(self._sums, 0.0)
         self.num_users = 0
 
     def add(self, ranks: torch.Tensor | np.ndarray | Iterable[int]) -> None:
         """Add 0-based ranks [B] of one batch."""
         array = _as_numpy_ranks(ranks)
-        for name, value in rank_metric_sums(array, self.ks).items():
-            self._sums[name] += value
+        for name, values in rank_metric_values(array, self.ks).items():
+            self._sums[name] += float(values.sum())
+            self._squares[name] += float(np.square(values).sum())
         self.num_users += len(array)
+
+    def standard_errors(self) -> dict[str, float]:
+        """Standard error of each mean over users (sample sd / sqrt(users); NaN below 2 users):
+        how far the metric would move with another draw of users of the same size."""
+        n = self.num_users
+        if n < 2:
+            return dict.fromkeys(self._sums, math.nan)
+        errors = {}
+        for name, total in self._sums.items():
+            variance = max(self._squares[name] - total * total / n, 0.0) / (n - 1)
+            errors[name] = math.sqrt(variance / n)
+        return errors
 
     def compute(self) -> dict[str, float]:
         """Means per metric name plus ``"num_users"``; raises ValueError before any user."""

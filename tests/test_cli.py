@@ -12,6 +12,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from canet import cli
@@ -139,6 +140,28 @@ def test_evaluate_model_and_engine_agree(trained, tmp_path, capsys) -> None:
     assert by_model["protocol"]["padding_excluded"] is True
     assert (run / "metrics.json").exists()  # written by train (test split of best/)
     assert "ndcg@10" in capsys.readouterr().out
+    assert by_model["standard_errors"].keys() == by_model["metrics"].keys()
+
+
+def test_evaluate_writes_per_user_ranks(trained, tmp_path, capsys) -> None:
+    root, log = trained
+    ranks_path = tmp_path / "ranks.csv"
+    assert cli.main(["evaluate", str(root / "run"), "--data", str(log), "--output",
+                     str(tmp_path / "m.json"), "--ranks-out", str(ranks_path)]) == 0
+    assert str(ranks_path) in capsys.readouterr().out
+    with ranks_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert len(rows) == metrics["num_users"] and "per_user" not in metrics
+    ranks = np.array([int(row["rank"]) for row in rows])
+    assert ranks.min() >= 1  # 1-based
+    hit = (ranks <= 10).mean()
+    assert metrics["metrics"]["hit@10"] == pytest.approx(hit, abs=1e-12)
+    # External ids: each user's target is its latest item in the log.
+    with log.open() as handle:
+        events = sorted(csv.DictReader(handle), key=lambda r: int(r["timestamp"]))
+    latest = {r["user_id"]: r["item_id"] for r in events}
+    assert {row["user_id"]: row["item_id"] for row in rows}.items() <= latest.items()
 
 
 def test_recommend_csv_and_unknown_items(trained, tmp_path, capsys) -> None:
@@ -203,3 +226,39 @@ def test_unwritable_output_is_a_one_line_error(tmp_path, capsys) -> None:
     blocker.write_text("not a directory")
     message = _fail(capsys, ["demo", "--quick", "--out", str(blocker / "run")])
     assert str(blocker) in message
+
+
+def test_compare_two_rank_files(trained, tmp_path, capsys) -> None:
+    root, log = trained
+    ranks = tmp_path / "a.csv"
+    assert cli.main(["evaluate", str(root / "run"), "--data", str(log), "--output",
+                     str(tmp_path / "m.json"), "--ranks-out", str(ranks)]) == 0
+    rows = list(csv.reader(ranks.open()))
+    # B: the same users with every target pushed 5 places down.
+    worse = tmp_path / "b.csv"
+    with worse.open("w", newline="") as handle:
+        csv.writer(handle).writerows([rows[0]] + [[u, i, int(r) + 5] for u, i, r in rows[1:]])
+    capsys.readouterr()
+    assert cli.main(["compare", str(ranks), str(worse), "--metric", "recall@20",
+                     "--resamples", "300", "--output", str(tmp_path / "c.json")]) == 0
+    assert "95% paired bootstrap interval" in capsys.readouterr().out
+    result = json.loads((tmp_path / "c.json").read_text())
+    a = np.array([int(r) for _, _, r in rows[1:]])
+    assert result["users"] == len(a)
+    assert result["difference"] == pytest.approx((a <= 20).mean() - (a + 5 <= 20).mean())
+    assert result["difference"] >= 0 and result["low"] <= result["difference"] <= result["high"]
+    # Mismatched evaluations are refused with one line naming the file.
+    other = tmp_path / "other.csv"
+    with other.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows[:-1])
+    assert "users differ" in _fail(capsys, ["compare", str(ranks), str(other)])
+    moved = tmp_path / "moved.csv"
+    with moved.open("w", newline="") as handle:
+        csv.writer(handle).writerows([rows[0], [rows[1][0], "elsewhere", 1]] + rows[2:])
+    assert "has target 'elsewhere'" in _fail(capsys, ["compare", str(ranks), str(moved)])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user,item\n")
+    assert f"{bad}:1: expected the header" in _fail(capsys, ["compare", str(bad), str(ranks)])
+    assert "no such file" in _fail(capsys, ["compare", str(tmp_path / "nope.csv"), str(ranks)])
+    assert "metric must be one of" in _fail(capsys, ["compare", str(ranks), str(ranks),
+                                                     "--metric", "auc"])

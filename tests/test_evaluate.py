@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,23 @@ def test_shuffled_routing_keeps_the_histogram_and_deals_it_out_at_random(setup) 
     assert (dealt != router_ids).any()
     with pytest.raises(CanetError, match="not both"):
         evaluate(model, data, "test", shuffle_routing_seed=1, fixed_config_id=0)
+
+
+def test_per_user_ranks_reproduce_the_metrics_and_standard_errors(setup) -> None:
+    data, model = setup
+    result = evaluate(model, data, "test", per_user=True, batch_size=9)
+    per_user = result["per_user"]
+    users = data.eval_users("test")
+    assert per_user["users"].tolist() == sorted(users.tolist())
+    _, _, targets = zip(*data.eval_batches("test", 1000), strict=True)
+    assert per_user["targets"].tolist() == torch.cat(targets).tolist()
+    ranks = per_user["ranks"].astype(np.float64)
+    ndcg = np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0)
+    assert result["metrics"]["ndcg@10"] == pytest.approx(ndcg.mean(), abs=1e-12)
+    expected_se = ndcg.std(ddof=1) / np.sqrt(len(ndcg))
+    assert result["standard_errors"]["ndcg@10"] == pytest.approx(expected_se, rel=1e-9)
+    hits = (ranks < 5).astype(np.float64)
+    assert result["standard_errors"]["recall@5"] == pytest.approx(
+        hits.std(ddof=1) / np.sqrt(len(hits)), rel=1e-9
+    )
+    assert "per_user" not in evaluate(model, data, "test")

@@ -13,6 +13,7 @@ from canet.metrics import (
     MetricAccumulator,
     exclude_history,
     exclude_pairs,
+    paired_difference,
     rank_metric_sums,
     rank_metrics,
     target_ranks,
@@ -169,3 +170,53 @@ def test_rank_metrics_rejects_bad_input() -> None:
         rank_metrics([-1, 0])
     with pytest.raises(ValueError):
         rank_metrics([0, 1], ks=(0,))
+
+
+def test_standard_errors_match_numpy_and_need_two_users() -> None:
+    rng = np.random.default_rng(3)
+    ranks = rng.integers(0, 40, size=101)
+    accumulator = MetricAccumulator(ks=(10,))
+    for first in range(0, 101, 13):
+        accumulator.add(ranks[first : first + 13])
+    ndcg = np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0)
+    mrr = np.where(ranks < 10, 1.0 / (ranks + 1.0), 0.0)
+    errors = accumulator.standard_errors()
+    assert errors["ndcg@10"] == pytest.approx(ndcg.std(ddof=1) / math.sqrt(101), rel=1e-9)
+    assert errors["mrr@10"] == pytest.approx(mrr.std(ddof=1) / math.sqrt(101), rel=1e-9)
+    single = MetricAccumulator(ks=(10,))
+    single.add([3])
+    assert all(math.isnan(v) for v in single.standard_errors().values())
+
+
+def test_paired_difference() -> None:
+    rng = np.random.default_rng(4)
+    base = rng.integers(0, 200, size=400)
+    same = paired_difference(base, base, "ndcg@10", resamples=500)
+    assert same["difference"] == 0 and same["low"] == 0 and same["high"] == 0
+    assert same["p_a_not_better"] == 1.0
+    better = np.maximum(base - 30, 0)  # every target ranked 30 places higher
+    result = paired_difference(better, base, "recall@20", resamples=2000, seed=1)
+    hits_a, hits_b = (better < 20).mean(), (base < 20).mean()
+    assert result["mean_a"] == pytest.approx(hits_a) and result["mean_b"] == pytest.approx(hits_b)
+    assert result["difference"] == pytest.approx(hits_a - hits_b)
+    assert 0 < result["low"] < result["difference"] < result["high"]
+    assert result["p_a_not_better"] < 0.01
+    # Reproducible for a seed; the interval narrows as users are added.
+    assert paired_difference(better, base, "recall@20", resamples=2000, seed=1) == result
+    wide = paired_difference(better[:50], base[:50], "recall@20", resamples=2000)
+    assert wide["high"] - wide["low"] > result["high"] - result["low"]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "metric", "message"),
+    [
+        ([1, 2], [1], "ndcg@10", "same non-empty set"),
+        ([], [], "ndcg@10", "same non-empty set"),
+        ([1], [1], "ndcg10", "metric must be one of"),
+        ([1], [1], "auc@10", "metric must be one of"),
+        ([1], [1], "ndcg@0", "metric must be one of"),
+    ],
+)
+def test_paired_difference_rejects_bad_input(a, b, metric, message) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match=message):
+        paired_difference(a, b, metric)
