@@ -41,6 +41,7 @@ from .errors import CanetError, CheckpointError
 from .model import CANet
 
 __all__ = [
+    "write_text_atomic",
     "MODEL_FILE",
     "CONFIG_FILE",
     "VOCAB_FILE",
@@ -116,6 +117,24 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike[str]) -> Path:
+    """Write a small text file (metrics, ranks) so that a crash leaves the old file or the new
+    one, never half of one: temporary sibling, fsync, rename, fsync of the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
 
 
 def _write_text(path: Path, text: str) -> None:

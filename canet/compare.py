@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import write_text_atomic
 from .errors import CanetError
 from .metrics import paired_difference
 
@@ -89,5 +90,5 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
           f"[{result['low']:+.4f}, {result['high']:+.4f}]; A not better in "
           f"{100 * result['p_a_not_better']:.1f}% of {args.resamples} resamples")
     if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        write_text_atomic(json.dumps(result, indent=1) + "\n", args.output)
     return 0

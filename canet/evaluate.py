@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import write_text_atomic
 from .data import SequenceData, Vocab
 from .engine import Engine
 from .errors import CanetError
@@ -188,18 +189,9 @@ def format_histogram(histogram: list[int], top: int = 8) -> str:
     return ", ".join(shown) if shown else "(no users)"
 
 
-def _write_text_atomic(text: str, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def write_metrics(metrics: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``metrics`` as JSON to ``path`` (atomically: temporary file, then rename)."""
-    return _write_text_atomic(json.dumps(metrics, indent=1), path)
+    return write_text_atomic(json.dumps(metrics, indent=1), path)
 
 
 def write_ranks(per_user: dict[str, Any], vocab: Vocab, path: str | os.PathLike[str]) -> Path:
@@ -211,7 +203,7 @@ def write_ranks(per_user: dict[str, Any], vocab: Vocab, path: str | os.PathLike[
     for user, item, rank in zip(per_user["users"].tolist(), per_user["targets"].tolist(),
                                 per_user["ranks"].tolist(), strict=True):
         writer.writerow([vocab.user_tokens[user], vocab.item_tokens_list[item - 1], rank + 1])
-    return _write_text_atomic(buffer.getvalue(), path)
+    return write_text_atomic(buffer.getvalue(), path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +231,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ranks-out", metavar="CSV",
         help="also write each user's target rank (user_id,item_id,rank; external ids, rank 1 = "
-        "top) for paired comparisons between models (canet.metrics.paired_difference)",
+        "top) for paired comparisons between models: canet compare A.csv B.csv",
     )
 
 

@@ -22,6 +22,7 @@ from canet.checkpoint import (
     load_model_weights,
     load_training_state,
     save_checkpoint,
+    write_text_atomic,
 )
 from canet.config import config_from_dict
 from canet.data import build_dataset, synthetic_log
@@ -218,3 +219,14 @@ def test_save_killed_mid_write_keeps_the_previous_checkpoint(tmp_path, where) ->
     # A later save works normally.
     _save(target, model, config, data, tag=3)
     assert load_checkpoint(target).trainer_state["epoch"] == 3
+
+
+def test_write_text_atomic_replaces_whole_files_only(tmp_path) -> None:
+    path = tmp_path / "sub" / "metrics.json"
+    write_text_atomic("old\n", path)
+    write_text_atomic("new\n", path)
+    assert path.read_text() == "new\n"
+    with pytest.raises(TypeError):
+        write_text_atomic(b"bytes are not text", path)  # fails while writing the temporary
+    assert path.read_text() == "new\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]  # no leftover
