@@ -2,7 +2,7 @@
 
     canet train --data LOG --out RUN_DIR [--config cfg.yaml] [--key value ...]
     canet evaluate RUN_DIR --data LOG [--split test|valid] [--backend model|auto|torch|cpu]
-    canet compare RANKS_A.csv RANKS_B.csv [--metric ndcg@10]
+    canet compare RANKS_A.csv [...] --against RANKS_B.csv [...] [--metric ndcg@10]
     canet recommend RUN_DIR --input FILE -k 10 --output recs.csv
     canet demo [--data LOG] [--quick]
     canet bench ...            (canet.bench.main)

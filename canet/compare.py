@@ -1,7 +1,8 @@
 """``canet compare``: is model A better than model B on the same users, beyond noise?
 
-Reads two per-user rank files written by ``canet evaluate --ranks-out`` (same data, same split)
-and prints the mean difference of a metric with a 95% paired bootstrap interval
+Reads per-user rank files written by ``canet evaluate --ranks-out`` (same data, same split):
+one or more runs (seeds) of model A and of model B; each user's metric is averaged over a
+model's runs. Prints the mean difference with a 95% paired bootstrap interval
 (:func:`canet.metrics.paired_difference`). On small logs the spread between users dwarfs the
 differences between models: ml-100k's 943 test users give NDCG@10 a standard error of about
 0.006, while pairing the same users narrows the interval of a difference considerably.
@@ -54,38 +55,51 @@ def read_ranks(path: str | Path) -> dict[str, tuple[str, int]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ranks_a", help="per-user ranks of model A (canet evaluate --ranks-out)")
-    parser.add_argument("ranks_b", help="per-user ranks of model B, same data and split")
+    parser.add_argument("ranks_a", nargs="+", metavar="RANKS_A",
+                        help="per-user ranks of model A (canet evaluate --ranks-out), one file "
+                        "per run (seed)")
+    parser.add_argument("--against", nargs="+", required=True, metavar="RANKS_B",
+                        help="per-user ranks of model B, same data and split, one file per run")
     parser.add_argument("--metric", default="ndcg@10", help="e.g. ndcg@10, recall@20, mrr@5")
     parser.add_argument("--resamples", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="also write the result as JSON")
 
 
+def _same_users(files: list[str]) -> list[dict[str, tuple[str, int]]]:
+    """Read every file; all must hold the same users with the same targets."""
+    tables = [read_ranks(path) for path in files]
+    first = tables[0]
+    for path, table in zip(files[1:], tables[1:], strict=True):
+        if table.keys() != first.keys():
+            only = sorted(table.keys() ^ first.keys())[:3]
+            raise CanetError(
+                f"{path}: its users differ from {files[0]}'s (e.g. {only}); compare evaluations "
+                "of the same data and split"
+            )
+        moved = next((u for u in first if table[u][0] != first[u][0]), None)
+        if moved is not None:
+            raise CanetError(
+                f"{path}: user {moved!r} has target {table[moved][0]!r} there but "
+                f"{first[moved][0]!r} in {files[0]}; compare evaluations of the same split"
+            )
+    return tables
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise CanetError(f"compare: unknown arguments {extra}")
-    a, b = read_ranks(args.ranks_a), read_ranks(args.ranks_b)
-    if a.keys() != b.keys():
-        only = sorted(a.keys() ^ b.keys())[:3]
-        raise CanetError(
-            f"{args.ranks_b}: its users differ from {args.ranks_a}'s (e.g. {only}); compare "
-            "evaluations of the same data and split"
-        )
-    users = sorted(a)
-    moved = [u for u in users if a[u][0] != b[u][0]]
-    if moved:
-        raise CanetError(
-            f"{args.ranks_b}: user {moved[0]!r} has target {b[moved[0]][0]!r} there but "
-            f"{a[moved[0]][0]!r} in {args.ranks_a}; compare evaluations of the same split"
-        )
+    tables = _same_users([*args.ranks_a, *args.against])
+    users = sorted(tables[0])
+    runs = [np.array([table[u][1] - 1 for u in users]) for table in tables]
+    count_a = len(args.ranks_a)
     result = paired_difference(
-        np.array([a[u][1] - 1 for u in users]), np.array([b[u][1] - 1 for u in users]),
-        args.metric, resamples=args.resamples, seed=args.seed,
+        runs[:count_a], runs[count_a:], args.metric, resamples=args.resamples, seed=args.seed
     )
-    result = {"metric": args.metric, "users": len(users), **result}
-    print(f"{args.metric} over {len(users)} users: A {result['mean_a']:.4f}, "
-          f"B {result['mean_b']:.4f}")
+    result = {"metric": args.metric, "users": len(users), "runs_a": count_a,
+              "runs_b": len(runs) - count_a, **result}
+    print(f"{args.metric} over {len(users)} users: A {result['mean_a']:.4f} "
+          f"({count_a} run(s)), B {result['mean_b']:.4f} ({result['runs_b']} run(s))")
     print(f"A - B = {result['difference']:+.4f}, 95% paired bootstrap interval "
           f"[{result['low']:+.4f}, {result['high']:+.4f}]; A not better in "
           f"{100 * result['p_a_not_better']:.1f}% of {args.resamples} resamples")

@@ -180,9 +180,20 @@ def rank_metric_sums(
     return {name: float(v.sum()) for name, v in rank_metric_values(ranks, ks).items()}
 
 
+def _runs(ranks) -> list[np.ndarray]:  # noqa: ANN001
+    """One run ``[U]`` or several (``[R, U]`` array, or a list of ``[U]``) -> list of ``[U]``."""
+    if isinstance(ranks, torch.Tensor):
+        ranks = ranks.detach().cpu().numpy()
+    if isinstance(ranks, np.ndarray) and ranks.ndim == 2:
+        return [_as_numpy_ranks(row) for row in ranks]
+    if isinstance(ranks, (list, tuple)) and ranks and not np.isscalar(ranks[0]):
+        return [_as_numpy_ranks(run) for run in ranks]
+    return [_as_numpy_ranks(ranks)]
+
+
 def paired_difference(
-    ranks_a: torch.Tensor | np.ndarray | Iterable[int],
-    ranks_b: torch.Tensor | np.ndarray | Iterable[int],
+    ranks_a: torch.Tensor | np.ndarray | Iterable,
+    ranks_b: torch.Tensor | np.ndarray | Iterable,
     metric: str = "ndcg@10",
     resamples: int = 10_000,
     seed: int = 0,
@@ -190,15 +201,18 @@ def paired_difference(
     """Mean difference A - B of ``metric`` over the SAME users, with a 95% paired bootstrap
     interval (users resampled with replacement, percentile method).
 
-    ranks_a, ranks_b: 0-based target ranks ``[U]`` of two models for the same users in the
-    same order. Returns ``{"mean_a", "mean_b", "difference", "low", "high", "p_a_not_better"}``,
-    the last being the bootstrap share of resamples where A does not beat B.
+    ranks_a, ranks_b: 0-based target ranks of two models for the same users in the same
+    order: ``[U]`` for one run, or several runs of a model (seeds) as ``[R, U]`` or a list of
+    ``[U]``, whose per-user metric is averaged over the runs before users are resampled.
+    Returns ``{"mean_a", "mean_b", "difference", "low", "high", "p_a_not_better"}``, the last
+    being the bootstrap share of resamples where A does not beat B.
     """
-    a, b = _as_numpy_ranks(ranks_a), _as_numpy_ranks(ranks_b)
-    if a.shape != b.shape or a.size == 0:
+    runs_a, runs_b = _runs(ranks_a), _runs(ranks_b)
+    users = {run.shape for run in runs_a + runs_b}
+    if len(users) != 1 or runs_a[0].size == 0:
         raise ValueError(
-            f"paired_difference needs ranks of the same non-empty set of users, got shapes "
-            f"{a.shape} and {b.shape}"
+            "paired_difference needs ranks of the same non-empty set of users in every run, got "
+            f"shapes {sorted(users)}"
         )
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
@@ -206,9 +220,12 @@ def paired_difference(
     if name not in METRIC_NAMES or not cutoff.isdigit() or int(cutoff) < 1:
         raise ValueError(f"metric must be one of {METRIC_NAMES} @ K >= 1, e.g. 'ndcg@10', "
                          f"got {metric!r}")
-    k = int(cutoff)
-    values_a = rank_metric_values(a, (k,))[f"{name}@{k}"]
-    values_b = rank_metric_values(b, (k,))[f"{name}@{k}"]
+    key = f"{name}@{int(cutoff)}"
+
+    def per_user(runs: list[np.ndarray]) -> np.ndarray:
+        return np.mean([rank_metric_values(run, (int(cutoff),))[key] for run in runs], axis=0)
+
+    values_a, values_b = per_user(runs_a), per_user(runs_b)
     diff = values_a - values_b
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)

@@ -239,7 +239,7 @@ def test_compare_two_rank_files(trained, tmp_path, capsys) -> None:
     with worse.open("w", newline="") as handle:
         csv.writer(handle).writerows([rows[0]] + [[u, i, int(r) + 5] for u, i, r in rows[1:]])
     capsys.readouterr()
-    assert cli.main(["compare", str(ranks), str(worse), "--metric", "recall@20",
+    assert cli.main(["compare", str(ranks), "--against", str(worse), "--metric", "recall@20",
                      "--resamples", "300", "--output", str(tmp_path / "c.json")]) == 0
     assert "95% paired bootstrap interval" in capsys.readouterr().out
     result = json.loads((tmp_path / "c.json").read_text())
@@ -247,18 +247,31 @@ def test_compare_two_rank_files(trained, tmp_path, capsys) -> None:
     assert result["users"] == len(a)
     assert result["difference"] == pytest.approx((a <= 20).mean() - (a + 5 <= 20).mean())
     assert result["difference"] >= 0 and result["low"] <= result["difference"] <= result["high"]
+    # Several runs per side: each user's metric is averaged over a side's runs.
+    assert cli.main(["compare", str(ranks), str(worse), "--against", str(worse), "--metric",
+                     "recall@20", "--resamples", "300", "--output", str(tmp_path / "c2.json")]) == 0
+    two = json.loads((tmp_path / "c2.json").read_text())
+    assert (two["runs_a"], two["runs_b"]) == (2, 1)
+    assert two["mean_a"] == pytest.approx(((a <= 20).mean() + (a + 5 <= 20).mean()) / 2)
+    assert two["difference"] == pytest.approx(result["difference"] / 2)
     # Mismatched evaluations are refused with one line naming the file.
     other = tmp_path / "other.csv"
     with other.open("w", newline="") as handle:
         csv.writer(handle).writerows(rows[:-1])
-    assert "users differ" in _fail(capsys, ["compare", str(ranks), str(other)])
+    assert "users differ" in _fail(capsys, ["compare", str(ranks), "--against", str(other)])
+    assert "users differ" in _fail(capsys, ["compare", str(ranks), str(other), "--against",
+                                            str(ranks)])
     moved = tmp_path / "moved.csv"
     with moved.open("w", newline="") as handle:
         csv.writer(handle).writerows([rows[0], [rows[1][0], "elsewhere", 1]] + rows[2:])
-    assert "has target 'elsewhere'" in _fail(capsys, ["compare", str(ranks), str(moved)])
+    assert "has target 'elsewhere'" in _fail(capsys, ["compare", str(ranks), "--against",
+                                                      str(moved)])
     bad = tmp_path / "bad.csv"
     bad.write_text("user,item\n")
-    assert f"{bad}:1: expected the header" in _fail(capsys, ["compare", str(bad), str(ranks)])
-    assert "no such file" in _fail(capsys, ["compare", str(tmp_path / "nope.csv"), str(ranks)])
-    assert "metric must be one of" in _fail(capsys, ["compare", str(ranks), str(ranks),
-                                                     "--metric", "auc"])
+    assert f"{bad}:1: expected the header" in _fail(capsys, ["compare", str(bad), "--against",
+                                                             str(ranks)])
+    assert "no such file" in _fail(capsys, ["compare", str(tmp_path / "nope.csv"), "--against",
+                                            str(ranks)])
+    assert "metric must be one of" in _fail(capsys, ["compare", str(ranks), "--against",
+                                                     str(ranks), "--metric", "auc"])
+    assert "--against" in _fail(capsys, ["compare", str(ranks)])

@@ -205,12 +205,19 @@ def test_paired_difference() -> None:
     assert paired_difference(better, base, "recall@20", resamples=2000, seed=1) == result
     wide = paired_difference(better[:50], base[:50], "recall@20", resamples=2000)
     assert wide["high"] - wide["low"] > result["high"] - result["low"]
+    # Several runs per model: per-user values are averaged over runs first.
+    runs = paired_difference([better, base], np.stack([base, base]), "recall@20", resamples=500)
+    assert runs["mean_a"] == pytest.approx((hits_a + hits_b) / 2)
+    assert runs["difference"] == pytest.approx((hits_a - hits_b) / 2)
+    assert paired_difference(torch.from_numpy(base), [base], "ndcg@10", resamples=50)[
+        "difference"] == 0
 
 
 @pytest.mark.parametrize(
     ("a", "b", "metric", "message"),
     [
         ([1, 2], [1], "ndcg@10", "same non-empty set"),
+        ([[1, 2], [1, 2, 3]], [1, 2], "ndcg@10", "same non-empty set"),
         ([], [], "ndcg@10", "same non-empty set"),
         ([1], [1], "ndcg10", "metric must be one of"),
         ([1], [1], "auc@10", "metric must be one of"),
