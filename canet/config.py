@@ -86,6 +86,7 @@ class TrainConfig:
     # The paper's loss settings; their defaults live once, in canet.losses.LossWeights.
     guide_weight: float = LossWeights.guide
     uniform_weight: float = LossWeights.uniform
+    balance_weight: float = LossWeights.balance  # not in the paper; 0 = the paper's objective
     guide_k: int = LossWeights.guide_k
     sharpness_emb: float = LossWeights.sharpness_emb
     sharpness_hidden: float = LossWeights.sharpness_hidden
@@ -115,6 +116,7 @@ class TrainConfig:
         return LossWeights(
             guide=self.guide_weight,
             uniform=self.uniform_weight,
+            balance=self.balance_weight,
             guide_k=self.guide_k,
             sharpness_emb=self.sharpness_emb,
             sharpness_hidden=self.sharpness_hidden,
@@ -161,7 +163,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         non_negative = ("min_user_inter", "min_item_inter", "lr_step_size", "max_bad_steps",
-                        "patience", "threads", "weight_decay", "guide_weight", "uniform_weight")
+                        "patience", "threads", "weight_decay", "guide_weight", "uniform_weight",
+                        "balance_weight")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -28,6 +28,7 @@ from .space import RoutingSpace
 __all__ = [
     "soft_labels",
     "decoupled_marginals",
+    "balance_loss",
     "guide_loss",
     "uniform_loss",
     "next_item_loss",
@@ -42,6 +43,8 @@ class LossWeights:
 
     guide: float = 0.01
     uniform: float = 0.01
+    # Not in the paper (0 = its objective): weight of balance_loss, against router collapse.
+    balance: float = 0.0
     guide_k: int = 10
     sharpness_emb: float = 2.0
     sharpness_hidden: float = 2.0
@@ -94,6 +97,14 @@ def guide_loss(
 def uniform_loss(router_logits: Tensor) -> Tensor:
     """L_uni: ``-mean_c log p_c`` averaged over users. router_logits ``[B, C]`` -> scalar."""
     return -torch.log_softmax(router_logits, dim=-1).mean(-1).mean()
+
+
+def balance_loss(router_logits: Tensor) -> Tensor:
+    """KL(batch-mean router distribution || uniform): 0 when the batch as a whole uses every
+    config equally, log C when all users pick one config. Unlike L_uni it leaves each user's
+    own distribution free to be sharp. router_logits ``[B, C]`` -> scalar."""
+    mean = torch.softmax(router_logits, dim=-1).mean(0)
+    return (mean * (mean.clamp_min(1e-30) * mean.shape[0]).log()).sum()
 
 
 def next_item_loss(logits: Tensor, targets: Tensor) -> Tensor:

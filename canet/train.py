@@ -14,6 +14,7 @@ A CANet step (per batch of training windows ``seqs, targets [B, L]``)::
     loss = CE(logits_masked(seqs, choice), targets)
          + w.guide * guide_loss(router_logits, smallest_hits(...), space, w)
          + w.uniform * uniform_loss(router_logits)
+         + w.balance * balance_loss(router_logits)           # 0 by default (not the paper's)
 
 With ``fixed_config`` the step is plain CE through ``logits_sliced(seqs, config)``.
 """
@@ -50,7 +51,7 @@ from .config import parse_overrides as parse_config_overrides
 from .data import SequenceData, build_dataset, read_interactions
 from .errors import CanetError, CheckpointError
 from .evaluate import evaluate, format_histogram
-from .losses import guide_loss, next_item_loss, smallest_hits, uniform_loss
+from .losses import balance_loss, guide_loss, next_item_loss, smallest_hits, uniform_loss
 from .model import CANet, gumbel_straight_through
 
 __all__ = [
@@ -140,6 +141,10 @@ def step_loss(
         "guide": float(guide.detach()),
         "uniform": float(uniform.detach()),
     }
+    if weights.balance:
+        balance = balance_loss(router_logits)
+        loss = loss + weights.balance * balance
+        parts["balance"] = float(balance.detach())
     return loss, parts, choice.detach().argmax(dim=-1)
 
 
@@ -444,7 +449,9 @@ def _epoch_line(
     if "guide" in record:
         line += (
             f" (next-item {record['next_item']:.4f}, guide {record['guide']:.3f}, "
-            f"uniform {record['uniform']:.3f})  tau {record['tau']:.3f}"
+            f"uniform {record['uniform']:.3f}"
+            + (f", balance {record['balance']:.3f}" if "balance" in record else "")
+            + f")  tau {record['tau']:.3f}"
         )
     line += f"  lr {record['lr']:.2e}  skipped {record['skipped_steps']}"
     line += f"  {record['train_seconds']:.1f}s"

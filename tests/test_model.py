@@ -14,6 +14,7 @@ import canet
 from canet import CANet, Config, RoutingSpace
 from canet.losses import (
     LossWeights,
+    balance_loss,
     decoupled_marginals,
     guide_loss,
     next_item_loss,
@@ -338,6 +339,24 @@ def test_soft_labels_are_the_papers():
     np.testing.assert_allclose(large.numpy(), w**2 / (w**2).sum(), rtol=1e-12)
     np.testing.assert_allclose(small.numpy(), large.numpy()[::-1], rtol=1e-12)
     assert small[0] > small[1] > small[2]
+
+
+def test_balance_loss_by_hand():
+    # Two users, each sure of a different config: the batch is balanced, so 0.
+    sharp = torch.tensor([[30.0, -30.0], [-30.0, 30.0]], dtype=torch.float64)
+    assert balance_loss(sharp).item() == pytest.approx(0.0, abs=1e-12)
+    # Everyone on config 0 of 4: log 4.
+    collapsed = torch.tensor([[60.0, 0.0, 0.0, 0.0]] * 3, dtype=torch.float64)
+    assert balance_loss(collapsed).item() == pytest.approx(np.log(4), rel=1e-12)
+    # A mean distribution p: sum p log(C p).
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.3, 0.2, 0.3, 0.2]], dtype=torch.float64)
+    mean = probs.mean(0).numpy()
+    logits = probs.log().requires_grad_(True)
+    loss = balance_loss(logits)
+    assert loss.item() == pytest.approx(float((mean * np.log(4 * mean)).sum()), rel=1e-12)
+    loss.backward()
+    assert logits.grad.abs().sum() > 0
+    assert LossWeights().balance == 0.0  # off by default: the paper's objective
 
 
 def test_uniform_and_guide_loss_by_hand():

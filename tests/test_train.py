@@ -45,6 +45,14 @@ def test_step_loss_has_every_part_and_gives_router_gradients(data) -> None:
     assert model.router.head.weight.grad.abs().sum() > 0
     fixed, parts, chosen = step_loss(model, seqs, targets, config, 1.0, None, fixed_config_id=3)
     assert set(parts) == {"next_item"} and chosen is None
+    # The balance term (not the paper's) is added only when its weight is set.
+    balanced = config_from_dict({**TINY, "balance_weight": 0.5})
+    model.eval()  # no dropout: the two losses see the same forward
+    plain, _, _ = step_loss(model, seqs, targets, config, 1.0, torch.Generator().manual_seed(1))
+    with_balance, parts_b, _ = step_loss(model, seqs, targets, balanced, 1.0,
+                                         torch.Generator().manual_seed(1))
+    assert set(parts_b) == {"next_item", "guide", "uniform", "balance"} and parts_b["balance"] > 0
+    assert with_balance.item() == pytest.approx(plain.item() + 0.5 * parts_b["balance"], rel=1e-6)
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, data) -> None:
