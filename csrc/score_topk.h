@@ -33,4 +33,24 @@ inline bool score_topk_no_history(const at::Tensor& history) {
   return !history.defined() || history.numel() == 0;
 }
 
+// The operands as both kernels read them: weight and hidden with unit inner stride, the rest
+// contiguous, and history undefined when nothing is excluded.
+struct ScoreTopkOperands {
+  at::Tensor hidden, hidden_sizes, weight, bias, history;
+  bool has_history() const { return history.defined(); }
+  const int64_t* history_ptr() const {
+    return has_history() ? history.data_ptr<int64_t>() : nullptr;
+  }
+  int64_t history_len() const { return has_history() ? history.size(1) : 0; }
+};
+
+inline ScoreTopkOperands score_topk_operands(const at::Tensor& hidden,
+                                             const at::Tensor& hidden_sizes,
+                                             const at::Tensor& weight, const at::Tensor& bias,
+                                             const at::Tensor& history) {
+  return {rows_unit_stride(hidden), hidden_sizes.contiguous(), rows_unit_stride(weight),
+          bias.contiguous(),
+          score_topk_no_history(history) ? at::Tensor() : history.contiguous()};
+}
+
 }  // namespace canet

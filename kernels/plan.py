@@ -56,6 +56,19 @@ def launch_row(kind: str, layer: int = 0, max_depth: int = 0) -> int:
 
 
 @triton.jit
+def _user_groups(config_ids_ptr, config_rank_ptr, start, num_users, groups,
+                 BLOCK_USERS: tl.constexpr, GROUPS_PAD: tl.constexpr):
+    """Users ``start + [0, BLOCK_USERS)``: (ids, in-batch mask, one-hot of their group
+    ``[BLOCK_USERS, GROUPS_PAD]`` int64). Lanes past the batch get the out-of-range group
+    GROUPS_PAD, which matches no column."""
+    users = start + tl.arange(0, BLOCK_USERS)
+    in_batch = users < num_users
+    config = tl.load(config_ids_ptr + users, mask=in_batch, other=0)
+    group = tl.load(config_rank_ptr + config, mask=in_batch, other=GROUPS_PAD)
+    return users, in_batch, (group[:, None] == groups[None, :]).to(tl.int64)
+
+
+@triton.jit
 def _plan_kernel(
     config_ids_ptr,  # [B] int64 (sort mode)
     config_rank_ptr,  # [C] int32: group index of each config id (sort mode)
@@ -81,15 +94,12 @@ def _plan_kernel(
     group_valid = groups < num_configs
 
     if SORT:
-        # Pass 1: users per group. Masked lanes get the out-of-range group GROUPS_PAD, which
-        # matches no column of the one-hot.
+        # Pass 1: users per group.
         counts = tl.zeros([GROUPS_PAD], dtype=tl.int64)
         for start in range(0, num_users, BLOCK_USERS):
-            users = start + tl.arange(0, BLOCK_USERS)
-            in_batch = users < num_users
-            config = tl.load(config_ids_ptr + users, mask=in_batch, other=0)
-            group = tl.load(config_rank_ptr + config, mask=in_batch, other=GROUPS_PAD)
-            one_hot = (group[:, None] == groups[None, :]).to(tl.int64)
+            users, in_batch, one_hot = _user_groups(
+                config_ids_ptr, config_rank_ptr, start, num_users, groups, BLOCK_USERS, GROUPS_PAD
+            )
             counts += tl.sum(one_hot, axis=0)
         offsets = tl.cumsum(counts, axis=0) - counts
         tl.store(group_offsets_ptr + groups, offsets, mask=group_valid)
@@ -98,11 +108,9 @@ def _plan_kernel(
         # it in this chunk; chunks in input order keep the sort stable.
         cursor = offsets
         for start in range(0, num_users, BLOCK_USERS):
-            users = start + tl.arange(0, BLOCK_USERS)
-            in_batch = users < num_users
-            config = tl.load(config_ids_ptr + users, mask=in_batch, other=0)
-            group = tl.load(config_rank_ptr + config, mask=in_batch, other=GROUPS_PAD)
-            one_hot = (group[:, None] == groups[None, :]).to(tl.int64)
+            users, in_batch, one_hot = _user_groups(
+                config_ids_ptr, config_rank_ptr, start, num_users, groups, BLOCK_USERS, GROUPS_PAD
+            )
             before = tl.cumsum(one_hot, axis=0) - one_hot
             row = tl.sum(one_hot * (cursor[None, :] + before), axis=1)
             tl.store(order_ptr + row, users.to(tl.int64), mask=in_batch)

@@ -205,19 +205,14 @@ ScoreTopkResult score_topk_cpu(const at::Tensor& hidden, const at::Tensor& hidde
   check_score_topk_inputs(hidden, hidden_sizes, weight, bias, history, k);
   TORCH_CHECK(hidden.device().is_cpu(), "canet::score_topk (CPU kernel): expected CPU tensors, got ",
               hidden.device());
-  const at::Tensor hid = rows_unit_stride(hidden);
-  const at::Tensor w = rows_unit_stride(weight);
-  const at::Tensor b = bias.contiguous();
-  const at::Tensor sizes = hidden_sizes.contiguous();
-  const bool no_history = score_topk_no_history(history);
-  const at::Tensor hist = no_history ? at::Tensor() : history.contiguous();
+  const ScoreTopkOperands in = score_topk_operands(hidden, hidden_sizes, weight, bias, history);
   const int64_t B = hidden.size(0);
   const auto score_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor ids = at::empty({B, k}, hidden.options().dtype(at::kLong));
   at::Tensor scores = at::empty({B, k}, hidden.options().dtype(score_dtype));
   if (B == 0) return {ids, scores};
   const int64_t h_cap = std::min(hidden.size(1), weight.size(1));
-  const int64_t* size_p = sizes.data_ptr<int64_t>();
+  const int64_t* size_p = in.hidden_sizes.data_ptr<int64_t>();
   for (int64_t u = 0; u < B; ++u) {
     TORCH_CHECK(size_p[u] >= 0 && size_p[u] <= h_cap,
                 "canet::score_topk: hidden_sizes must be in [0, min(h_max, H)] = [0, ", h_cap,
@@ -226,9 +221,8 @@ ScoreTopkResult score_topk_cpu(const at::Tensor& hidden, const at::Tensor& hidde
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "score_topk_cpu",
                                   [&] {
                                     score_topk_kernel<scalar_t>(
-                                        hid, sizes.data_ptr<int64_t>(), w, b,
-                                        no_history ? nullptr : hist.data_ptr<int64_t>(),
-                                        no_history ? 0 : hist.size(1), k, ids.data_ptr<int64_t>(),
+                                        in.hidden, size_p, in.weight, in.bias, in.history_ptr(),
+                                        in.history_len(), k, ids.data_ptr<int64_t>(),
                                         scores.data_ptr());
                                   });
   return {ids, scores};

@@ -31,12 +31,9 @@ ScoreTopkResult score_topk_cuda(const at::Tensor& hidden, const at::Tensor& hidd
                   "bfloat16, got ", hidden.scalar_type());
   }
   const c10::cuda::CUDAGuard guard(hidden.device());
-  const at::Tensor hid = rows_unit_stride(hidden);
-  const at::Tensor w = rows_unit_stride(weight);
-  const at::Tensor b = bias.contiguous();
-  const at::Tensor sizes = hidden_sizes.contiguous();
-  const bool no_history = score_topk_no_history(history);
-  const at::Tensor hist = no_history ? at::Tensor() : history.contiguous();
+  const ScoreTopkOperands in = score_topk_operands(hidden, hidden_sizes, weight, bias, history);
+  const at::Tensor& hid = in.hidden;
+  const at::Tensor& w = in.weight;
   const int64_t B = hid.size(0);
   at::Tensor ids = at::empty({B, k}, hid.options().dtype(at::kLong));
   at::Tensor scores = at::empty({B, k}, hid.options().dtype(at::kFloat));
@@ -57,17 +54,17 @@ ScoreTopkResult score_topk_cuda(const at::Tensor& hidden, const at::Tensor& hidd
 
   cuda::ScoreTopkArgs args{};
   args.hidden = hid.data_ptr();
-  args.hidden_sizes = sizes.data_ptr<int64_t>();
+  args.hidden_sizes = in.hidden_sizes.data_ptr<int64_t>();
   args.weight = w.data_ptr();
-  args.bias = b.data_ptr();
-  args.history = no_history ? nullptr : hist.data_ptr<int64_t>();
+  args.bias = in.bias.data_ptr();
+  args.history = in.history_ptr();
   args.batch = B;
   args.h_max = hid.size(1);
   args.hidden_stride = hid.stride(0);
   args.rows = w.size(0);
   args.H = w.size(1);
   args.weight_stride = w.stride(0);
-  args.history_len = no_history ? 0 : hist.size(1);
+  args.history_len = in.history_len();
   args.k = static_cast<int>(k);
   args.dtype = dtype;
   args.out_ids = ids.data_ptr<int64_t>();
