@@ -68,6 +68,12 @@ void check_invariants(const at::Tensor& ids, const at::Tensor& table, const cane
   }
 }
 
+bool same_plan(const canet::PlanResult& a, const canet::PlanResult& b) {
+  return at::equal(std::get<0>(a), std::get<0>(b)) && at::equal(std::get<1>(a), std::get<1>(b)) &&
+         at::equal(std::get<2>(a), std::get<2>(b)) && at::equal(std::get<3>(a), std::get<3>(b)) &&
+         at::equal(std::get<4>(a), std::get<4>(b));
+}
+
 template <typename F>
 void expect_error(F&& f, const std::string& name) {
   try {
@@ -84,28 +90,33 @@ int main() {
   at::manual_seed(0);
   for (int64_t B : {0, 1, 7, 1000}) {
     const at::Tensor ids = at::randint(36, {B}, at::kLong);
-    const auto p = canet::plan_cpu(ids, table);
+    const auto p = canet::plan_cpu(ids, table, /*max_depth=*/-1);
     check_invariants(ids, table, p, "B=" + std::to_string(B));
     check(std::get<4>(p).size(0) == 8, "layer_active has max_depth entries");
+    // The engine passes the space's max_depth; it must give the plan read from the table.
+    const auto given = canet::plan_cpu(ids, table, /*max_depth=*/8);
+    check(same_plan(p, given), "max_depth=8 gives the plan of max_depth=-1");
   }
 
   const at::Tensor one = at::tensor(std::vector<int64_t>{5, 64, 32}, at::kLong).view({1, 3});
-  check_invariants(at::zeros({9}, at::kLong), one, canet::plan_cpu(at::zeros({9}, at::kLong), one),
-                   "C=1");
+  const at::Tensor nine = at::zeros({9}, at::kLong);
+  check_invariants(nine, one, canet::plan_cpu(nine, one, -1), "C=1");
 
   // Through the dispatcher: the schema from ops.cpp and the CPU kernel are both registered.
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("canet::plan", "")
-                .typed<canet::PlanResult(const at::Tensor&, const at::Tensor&)>();
+                .typed<canet::PlanResult(const at::Tensor&, const at::Tensor&, int64_t)>();
   const at::Tensor ids = at::randint(36, {257}, at::kLong);
-  const auto direct = canet::plan_cpu(ids, table);
-  const auto via = op.call(ids, table);
-  check(at::equal(std::get<0>(direct), std::get<0>(via)), "dispatcher gives the same order");
+  const auto direct = canet::plan_cpu(ids, table, -1);
+  check(same_plan(direct, op.call(ids, table, -1)), "the dispatcher gives the same plan");
 
-  expect_error([&] { canet::plan_cpu(ids.to(at::kInt), table); }, "int32 ids");
-  expect_error([&] { canet::plan_cpu(at::full({3}, 36, at::kLong), table); }, "id out of range");
-  expect_error([&] { canet::plan_cpu(ids, table.narrow(1, 0, 2)); }, "table [C, 2]");
-  expect_error([&] { canet::plan_cpu(ids, table.narrow(0, 0, 0)); }, "C = 0");
+  expect_error([&] { canet::plan_cpu(ids.to(at::kInt), table, -1); }, "int32 ids");
+  expect_error([&] { canet::plan_cpu(at::full({3}, 36, at::kLong), table, -1); },
+               "id out of range");
+  expect_error([&] { canet::plan_cpu(ids, table.narrow(1, 0, 2), -1); }, "table [C, 2]");
+  expect_error([&] { canet::plan_cpu(ids, table.narrow(0, 0, 0), -1); }, "C = 0");
+  expect_error([&] { canet::plan_cpu(ids, table, 6); }, "max_depth below the table's");
+  expect_error([&] { op.call(ids, table, -2); }, "max_depth = -2 (dispatcher)");
 
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
