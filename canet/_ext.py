@@ -26,7 +26,9 @@ __all__ = [
 ]
 
 # Operators the extension registers in the torch.ops.canet namespace.
-OPS: tuple[str, ...] = ("plan", "routed_scores", "router_logits", "score_topk")
+OPS: tuple[str, ...] = (
+    "plan", "routed_scores", "routed_last_hidden", "router_logits", "score_topk"
+)
 
 _HOW_TO_GET = (
     "build it from a checkout with `pip install --no-build-isolation -e .` "

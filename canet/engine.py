@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import backends, ops
+from . import _ext, backends, ops
 from .checks import check_config_ids, check_sequences
 from .flops import flops, flops_router
 from .model import CANet
@@ -69,7 +69,8 @@ class Engine:
         backend: "auto" | "torch" | "cpu" | "triton" | "cuda". "auto" picks cuda, then triton
             on a GPU, cpu on a CPU, and falls back to torch with a one-time warning.
         dtype: compute dtype (default: the model's).
-        max_score_elements: bound on the (user, item) scores ``recommend`` holds at once.
+        max_score_elements: bound on the (user, item) scores ``recommend`` holds at once
+            (where it builds them: see :meth:`recommend`).
     """
 
     def __init__(
@@ -170,14 +171,19 @@ class Engine:
         items in the user's input ``seqs``; ``exclude = (rows [P], items [P])`` removes more
         (user row, item) pairs, e.g. a history longer than ``max_len``. A user with fewer than
         k candidates gets id -1 and score -inf in the remaining slots (as
-        ``canet.ops.score_topk``). ``config_ids [B]``: as in :meth:`score`. Scores are computed
-        in user chunks of at most ``max_score_elements``.
+        ``canet.ops.score_topk``). ``config_ids [B]``: as in :meth:`score`.
+
+        On the native cpu backend with k <= 200, scoring and selection run fused in
+        ``canet.ops.score_topk`` (no ``[B, N+1]`` score matrix; equal scores rank the smaller
+        id first). Otherwise scores are computed in user chunks of at most
+        ``max_score_elements`` and selected with ``torch.topk``.
         """
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_items:
             raise ValueError(f"k must be an int in [1, {self.num_items}], got {k!r}")
         seqs = self._check(seqs)
         if exclude is not None:
             rows, items = (t.to(self.device, torch.int64) for t in exclude)
+            exclude = (rows, items)
             if rows.shape != items.shape or rows.dim() != 1:
                 raise ValueError(
                     "exclude must be two 1-D tensors (rows [P], items [P]) of equal length, "
@@ -193,24 +199,64 @@ class Engine:
                 )
         with torch.inference_mode():
             config_ids, routed = self._config_ids(seqs, config_ids)
-            chunk = max(1, self.max_score_elements // (self.num_items + 1))
-            ids, values = [], []
-            for start in range(0, seqs.shape[0], chunk):
-                part = seqs[start : start + chunk]
-                scores = self._scores(part, config_ids[start : start + chunk])
-                if exclude_history:
-                    scores.scatter_(1, part, float("-inf"))
-                if exclude is not None:
-                    inside = (rows >= start) & (rows < start + part.shape[0])
-                    scores[rows[inside] - start, items[inside]] = float("-inf")
-                top = scores.topk(k, dim=-1)
-                # topk fills a short list with excluded (-inf) columns: never return those.
-                ids.append(top.indices.masked_fill(torch.isneginf(top.values), -1))
-                values.append(top.values)
+            if self._fused_top_k(k):
+                out = self._recommend_fused(seqs, config_ids, k, exclude_history, exclude)
+            else:
+                out = self._recommend_dense(seqs, config_ids, k, exclude_history, exclude)
             self._remember(config_ids, routed)
-            return torch.cat(ids), torch.cat(values)
+            return out
 
     # -- internals -------------------------------------------------------------------------
+    def _fused_top_k(self, k: int) -> bool:
+        # Scoring and selection in one native op (no [B, N+1] matrix) where it was measured to
+        # beat matmul + topk: the native CPU backend (benches/bench_engine.py). GPU backends
+        # keep the dense path until a GPU run measures canet::score_topk there.
+        return (
+            hasattr(self._impl, "last_hidden")
+            and k <= ops.SCORE_TOPK_MAX_K
+            and _ext.has_kernel("score_topk", self.device.type)
+        )
+
+    def _recommend_fused(
+        self,
+        seqs: Tensor,
+        config_ids: Tensor,
+        k: int,
+        exclude_history: bool,
+        exclude: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, Tensor]:
+        plan = ops.plan(config_ids, self._table, check_ids=False, max_depth=self.space.max_depth)
+        hidden = self._impl.last_hidden(seqs, plan)
+        weight, bias = self._impl.output_layer()
+        history = _exclusions(seqs, exclude_history, exclude)
+        sizes = self._table[config_ids, 1]
+        return ops.score_topk(hidden, sizes, weight, bias, history, k, check_values=False)
+
+    def _recommend_dense(
+        self,
+        seqs: Tensor,
+        config_ids: Tensor,
+        k: int,
+        exclude_history: bool,
+        exclude: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, Tensor]:
+        chunk = max(1, self.max_score_elements // (self.num_items + 1))
+        ids, values = [], []
+        for start in range(0, seqs.shape[0], chunk):
+            part = seqs[start : start + chunk]
+            scores = self._scores(part, config_ids[start : start + chunk])
+            if exclude_history:
+                scores.scatter_(1, part, float("-inf"))
+            if exclude is not None:
+                rows, items = exclude
+                inside = (rows >= start) & (rows < start + part.shape[0])
+                scores[rows[inside] - start, items[inside]] = float("-inf")
+            top = scores.topk(k, dim=-1)
+            # topk fills a short list with excluded (-inf) columns: never return those.
+            ids.append(top.indices.masked_fill(torch.isneginf(top.values), -1))
+            values.append(top.values)
+        return torch.cat(ids), torch.cat(values)
+
     def _check(self, seqs: Tensor) -> Tensor:
         seqs = check_sequences(seqs, self.num_items, self.max_len)
         if seqs.device != self.device:
@@ -260,3 +306,21 @@ class Engine:
             flops_largest=users * self._flops[self.space.largest_id],
             order=plan.order,
         )
+
+
+def _exclusions(
+    seqs: Tensor, exclude_history: bool, exclude: tuple[Tensor, Tensor] | None
+) -> Tensor | None:
+    """Items to exclude per user as one ``[B, W]`` id table (0 = nothing): the input ``seqs``
+    when ``exclude_history``, then each row's ``exclude`` pairs, left-aligned and zero-padded."""
+    parts = [seqs] if exclude_history else []
+    if exclude is not None and exclude[0].numel():
+        rows, items = exclude
+        order = torch.argsort(rows, stable=True)
+        rows, items = rows[order], items[order]
+        counts = torch.bincount(rows, minlength=seqs.shape[0])
+        starts = torch.cumsum(counts, 0) - counts
+        extra = seqs.new_zeros(seqs.shape[0], int(counts.max()))
+        extra[rows, torch.arange(rows.numel(), device=rows.device) - starts[rows]] = items
+        parts.append(extra)
+    return torch.cat(parts, dim=1) if parts else None

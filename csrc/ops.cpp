@@ -43,6 +43,11 @@ TORCH_LIBRARY(canet, m) {
   m.def(
       "routed_scores(Tensor seqs, Tensor order, Tensor group_config, Tensor group_offsets, "
       "Tensor config_table, Tensor[] weights, int heads, int block_users=0) -> Tensor");
+  // The same forward, stopped before the output layer: the last position's hidden states
+  // [B, H] in input order, zero past each user's hidden size (canet::score_topk's input).
+  m.def(
+      "routed_last_hidden(Tensor seqs, Tensor order, Tensor group_config, Tensor group_offsets, "
+      "Tensor config_table, Tensor[] weights, int heads, int block_users=0) -> Tensor");
   // Router logits [B, C]: weights item_emb, pos_emb, the 14 block tensors, head w/b.
   m.def("router_logits(Tensor seqs, Tensor[] weights, int heads, int block_users=0) -> Tensor");
   // Top-k items per user from last-position hidden states, without the [B, N+1] score matrix:

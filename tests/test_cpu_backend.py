@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_engine import MAX_LEN, NUM_ITEMS, batch, make_model, reference, relative_error
 
-from canet import Engine, backends
+from canet import Engine, RoutingSpace, backends
 from canet.ops import plan
 
 pytestmark = pytest.mark.skipif(
@@ -145,6 +145,71 @@ def test_without_residual_scaling():
     engine = Engine(model, backend="cpu")
     seqs, ids = batch(8, 3), torch.arange(8) * 5
     assert relative_error(engine.score(seqs, ids), reference(model, seqs, ids)) < 1e-10
+
+
+# -- last hidden states and the fused recommend -----------------------------------------------
+@pytest.mark.parametrize("space", [None, RoutingSpace(depths=(1, 3), hidden=(8, 24), emb=(4, 12))])
+def test_last_hidden_matches_model(space):
+    # Input order, each user's first h columns equal to Supernet.hidden_last of its config,
+    # zeros after them; in the default space and an odd one (depth 1: last-only from the start).
+    model = make_model(torch.float64, space=space)
+    engine = Engine(model, backend="cpu")
+    n = len(model.space)
+    seqs = batch(2 * n + 3, seed=21)
+    ids = torch.randint(0, n, (seqs.shape[0],), generator=torch.Generator().manual_seed(5))
+    got = engine._impl.last_hidden(seqs, plan(ids, engine._impl.table))
+    assert got.shape == (seqs.shape[0], model.space.max_hidden)
+    with torch.no_grad():
+        for u, config_id in enumerate(ids.tolist()):
+            config = model.space.configs[config_id]
+            want = model.supernet.hidden_last(seqs[u : u + 1], config)[0]
+            torch.testing.assert_close(got[u, : config.hidden], want, rtol=1e-11, atol=1e-12)
+            assert not got[u, config.hidden :].any()
+
+
+def test_routed_last_hidden_checks_like_routed_scores(engine64):
+    args = op_args(engine64, batch(4, seed=1), torch.tensor([0, 35, 3, 3]))
+    args[1] = torch.zeros_like(args[1])
+    with pytest.raises(RuntimeError, match="canet::routed_last_hidden: order must be a perm"):
+        torch.ops.canet.routed_last_hidden(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_recommend_equals_dense(model64, dtype, monkeypatch):
+    # The fused path (routed_last_hidden + score_topk) against the engine's dense path (scores,
+    # scatter, topk), with history and extra exclusions, over many users and every config.
+    model = model64 if dtype == torch.float64 else make_model(torch.float32)
+    engine = Engine(model, backend="cpu")
+    seqs = batch(80, seed=22)
+    ids = torch.arange(80) % 36
+    rows = torch.tensor([79, 3, 3, 0, 40, 3])
+    items = torch.tensor([1, 2, 61, 7, 7, 2])  # a repeated pair, and rows out of order
+    assert engine._fused_top_k(10)
+    fused = engine.recommend(seqs, k=10, config_ids=ids, exclude=(rows, items))
+    monkeypatch.setattr(engine, "_fused_top_k", lambda k: False)
+    dense = engine.recommend(seqs, k=10, config_ids=ids, exclude=(rows, items))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(fused[1], dense[1], rtol=tol, atol=tol)
+    if dtype == torch.float64:  # no ties among random float64 scores
+        assert torch.equal(fused[0], dense[0])
+    for row, item in zip(rows.tolist(), items.tolist(), strict=True):
+        assert item not in fused[0][row].tolist()
+
+
+def test_exclusions_table():
+    from canet.engine import _exclusions
+
+    seqs = torch.tensor([[0, 4, 5], [1, 2, 3], [0, 0, 6]])
+    rows, items = torch.tensor([2, 0, 2]), torch.tensor([9, 8, 7])
+    assert _exclusions(seqs, False, None) is None
+    assert torch.equal(_exclusions(seqs, True, None), seqs)
+    want_extra = torch.tensor([[8, 0], [0, 0], [9, 7]])
+    assert torch.equal(_exclusions(seqs, False, (rows, items)), want_extra)
+    assert torch.equal(
+        _exclusions(seqs, True, (rows, items)), torch.cat([seqs, want_extra], dim=1)
+    )
+    empty = (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+    assert _exclusions(seqs, False, empty) is None
 
 
 # -- the ops' own boundary checks ------------------------------------------------------------

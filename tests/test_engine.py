@@ -279,13 +279,14 @@ def test_last_plan_is_none_before_the_first_batch_and_follows_each_batch():
     assert engine.last_plan.histogram[4] == 2 and engine.last_plan.num_users == 2
 
 
-def test_recommend_with_given_configs_and_extra_exclusions():
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_recommend_with_given_configs_and_extra_exclusions(backend):
     model = make_model(torch.float32)
-    engine = Engine(model, backend="torch", max_score_elements=2 * (NUM_ITEMS + 1))
+    engine = Engine(model, backend=backend, max_score_elements=2 * (NUM_ITEMS + 1))
     seqs = batch(5, 8)
     config_ids = torch.tensor([0, 35, 7, 7, 20])
-    rows = torch.tensor([0, 0, 3, 4])
-    items = torch.tensor([5, 9, 1, 60])
+    rows = torch.tensor([4, 0, 3, 0])
+    items = torch.tensor([60, 5, 1, 9])
     ids, values = engine.recommend(seqs, k=6, config_ids=config_ids, exclude=(rows, items))
     scores = reference(model, seqs, config_ids).scatter(1, seqs, float("-inf"))
     scores[rows, items] = float("-inf")

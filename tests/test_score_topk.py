@@ -189,6 +189,25 @@ def test_cpu_ties_and_non_finite_scores() -> None:
 
 
 @native_cpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_spans_item_chunks_user_tiles_and_sizes(gen, dtype) -> None:
+    # Several 512-item chunks with a ragged tail, several user tiles, hidden size 0 (scores are
+    # the bias) next to full-width users, long histories, and a weight read through a view with
+    # a row stride wider than H.
+    batch, items, h_max = 70, 1300, 24
+    sizes = [0, 24, 7, 24, 1, 12] * 11 + [24, 0, 5, 24]
+    hidden, sizes_t, weight, bias, history = make_inputs(
+        gen, batch, items, h_max, dtype, history_len=600, sizes=sizes
+    )
+    wide = torch.full((items + 1, h_max + 5), float("nan"), dtype=dtype)
+    wide[:, :h_max] = weight
+    for k in (1, 10, 200):
+        inputs = (hidden, sizes_t, wide[:, :h_max], bias, history)
+        ids, scores = score_topk(*inputs, k=k)
+        check_topk(ids, scores, (hidden, sizes_t, weight, bias, history), k, tolerance(dtype))
+
+
+@native_cpu
 def test_cpu_reads_strided_hidden_in_place(gen) -> None:
     hidden, sizes, weight, bias, history = make_inputs(gen, 6, 120, 16, torch.float32)
     wide = torch.full((6, 3, 16), float("nan"))

@@ -97,3 +97,15 @@ class Backend:
             seqs, plan.order, plan.group_config, plan.group_offsets, self.table,
             self.weights, self.heads, block_users,
         )
+
+    def last_hidden(self, seqs: Tensor, plan: Plan, block_users: int = 0) -> Tensor:
+        """The last position's hidden states ``[B, H]`` (input order), zero past each user's
+        hidden size: :meth:`scores` without the output layer. seqs ``[B, L]``."""
+        return torch.ops.canet.routed_last_hidden(
+            seqs, plan.order, plan.group_config, plan.group_offsets, self.table,
+            self.weights, self.heads, block_users,
+        )
+
+    def output_layer(self) -> tuple[Tensor, Tensor]:
+        """The output layer's weight ``[N+1, H]`` and bias ``[N+1]``."""
+        return self.weights[-2], self.weights[-1]

@@ -1,5 +1,5 @@
-// CPU kernels of canet::routed_scores and canet::router_logits: the whole routed forward of a
-// batch in one call (semantics: canet/model.py, Supernet.hidden_last and Supernet.logits).
+// CPU kernels of canet::routed_scores, canet::routed_last_hidden and canet::router_logits: the
+// whole routed forward of a batch in one call (semantics: canet/model.py, Supernet.hidden_last and Supernet.logits).
 //
 // Work is split into items of (one group, a run of its users). Items run in parallel, each on
 // one thread with its own workspace, when the extension is compiled with -fopenmp (see
@@ -402,12 +402,16 @@ void copy_scores(const T* chunk, const T* bias, int64_t cols, T* dst) {
   for (int64_t c = 0; c < cols; ++c) dst[c] = chunk[c] + bias[c];
 }
 
+// What the routed forward writes: the scores [B, N+1], or the last position's hidden states
+// [B, H] (for canet::score_topk, which scores and selects without the score matrix).
+enum class Output { kScores, kLastHidden };
+
 template <typename T>
-void routed_scores_impl(const Tensor& seqs, const int64_t* order, const int64_t* group_config,
-                        const int64_t* group_offsets, int64_t num_groups, const int64_t* table,
-                        const std::vector<Tensor>& w, int64_t depth_max, int64_t heads,
-                        int64_t block_users, const std::vector<BlockTensors>& blocks,
-                        const std::vector<int64_t>& lengths, Tensor& out) {
+void routed_forward_impl(const Tensor& seqs, const int64_t* order, const int64_t* group_config,
+                         const int64_t* group_offsets, int64_t num_groups, const int64_t* table,
+                         const std::vector<Tensor>& w, int64_t depth_max, int64_t heads,
+                         int64_t block_users, const std::vector<BlockTensors>& blocks,
+                         const std::vector<int64_t>& lengths, Output output, Tensor& out) {
   const int64_t L = seqs.size(1);
   const Tensor& item_emb = w[0];
   const Tensor& pos_emb = w[1];
@@ -430,7 +434,7 @@ void routed_scores_impl(const Tensor& seqs, const int64_t* order, const int64_t*
     const double d = static_cast<double>(cfg[0]), h = static_cast<double>(cfg[1]),
                  e = static_cast<double>(cfg[2]);
     per_row[g] = d * (24.0 * h * h + 4.0 * static_cast<double>(L) * h) + 2.0 * e * h;
-    per_user[g] = 2.0 * h * static_cast<double>(columns);
+    per_user[g] = output == Output::kScores ? 2.0 * h * static_cast<double>(columns) : h;
     for (int64_t r = group_offsets[g]; r < group_offsets[g + 1]; ++r) {
       total += per_user[g] + per_row[g] * static_cast<double>(lengths[order[r]]);
     }
@@ -477,6 +481,12 @@ void routed_scores_impl(const Tensor& seqs, const int64_t* order, const int64_t*
                   ws.last + u * h);
       }
     }
+    if (output == Output::kLastHidden) {  // columns past h stay zero
+      for (int64_t u = 0; u < rows.users; ++u) {
+        std::copy(ws.last + u * h, ws.last + (u + 1) * h, out_data + order[it.begin + u] * H);
+      }
+      return;
+    }
     // Output layer on the last positions, in column chunks straight into the users' rows.
     for (int64_t c0 = 0; c0 < columns; c0 += kOutColumnChunk) {
       const int64_t cols = std::min(kOutColumnChunk, columns - c0);
@@ -492,11 +502,12 @@ void routed_scores_impl(const Tensor& seqs, const int64_t* order, const int64_t*
   });
 }
 
-Tensor routed_scores_cpu(const Tensor& seqs_in, const Tensor& order_in,
-                         const Tensor& group_config_in, const Tensor& group_offsets_in,
-                         const Tensor& config_table_in, at::TensorList weights, int64_t heads,
-                         int64_t block_users) {
-  constexpr const char* op = "canet::routed_scores";
+Tensor routed_forward_cpu(const Tensor& seqs_in, const Tensor& order_in,
+                          const Tensor& group_config_in, const Tensor& group_offsets_in,
+                          const Tensor& config_table_in, at::TensorList weights, int64_t heads,
+                          int64_t block_users, Output output) {
+  const char* op =
+      output == Output::kScores ? "canet::routed_scores" : "canet::routed_last_hidden";
   c10::InferenceMode guard;
   check_seqs(seqs_in, op);
   TORCH_CHECK(heads >= 1, op, ": heads must be >= 1, got ", heads);
@@ -581,17 +592,32 @@ Tensor routed_scores_cpu(const Tensor& seqs_in, const Tensor& order_in,
   }
 
   const Tensor seqs = seqs_in.contiguous();
-  Tensor out = at::empty({B, rows_items}, w[0].options());
+  Tensor out = output == Output::kScores ? at::empty({B, rows_items}, w[0].options())
+                                         : at::zeros({B, H}, w[0].options());
   if (B == 0) return out;
   TORCH_CHECK(L >= 1, op, ": seqs must have at least one position, got shape ",
               shape_str(seqs.sizes()));
   const std::vector<int64_t> lengths =
       real_lengths(seqs.data_ptr<int64_t>(), B, L, rows_items, op);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "canet::routed_scores", [&] {
-    routed_scores_impl<scalar_t>(seqs, ord, gc, go, G, table, w, depth_max, heads, block_users,
-                                 blocks, lengths, out);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "canet::routed_forward", [&] {
+    routed_forward_impl<scalar_t>(seqs, ord, gc, go, G, table, w, depth_max, heads, block_users,
+                                  blocks, lengths, output, out);
   });
   return out;
+}
+
+Tensor routed_scores_cpu(const Tensor& seqs, const Tensor& order, const Tensor& group_config,
+                         const Tensor& group_offsets, const Tensor& config_table,
+                         at::TensorList weights, int64_t heads, int64_t block_users) {
+  return routed_forward_cpu(seqs, order, group_config, group_offsets, config_table, weights,
+                            heads, block_users, Output::kScores);
+}
+
+Tensor routed_last_hidden_cpu(const Tensor& seqs, const Tensor& order, const Tensor& group_config,
+                              const Tensor& group_offsets, const Tensor& config_table,
+                              at::TensorList weights, int64_t heads, int64_t block_users) {
+  return routed_forward_cpu(seqs, order, group_config, group_offsets, config_table, weights,
+                            heads, block_users, Output::kLastHidden);
 }
 
 template <typename T>
@@ -687,5 +713,6 @@ Tensor router_logits_cpu(const Tensor& seqs_in, at::TensorList weights, int64_t 
 
 TORCH_LIBRARY_IMPL(canet, CPU, m) {
   m.impl("routed_scores", &canet::routed_scores_cpu);
+  m.impl("routed_last_hidden", &canet::routed_last_hidden_cpu);
   m.impl("router_logits", &canet::router_logits_cpu);
 }
