@@ -226,12 +226,14 @@ def test_cuda_matches_cpu(gen: torch.Generator) -> None:
 
 @pytest.mark.gpu
 def test_cuda_plan_with_max_depth_is_graph_capturable(gen: torch.Generator) -> None:
-    # With max_depth given the op never reads the device back, so even its first call can be
-    # recorded in a CUDA graph; a replay with new ids in the same buffer must re-plan them.
+    # With max_depth given the op never reads the device back, so it can be recorded in a CUDA
+    # graph; a replay with new ids in the same buffer must re-plan them. One eager call first,
+    # as torch.cuda.graph's docs advise, so lazy module loading happens outside the capture.
     if not _ext.has_kernel("plan", "cuda"):
         pytest.skip(f"canet._C has no CUDA kernel for canet::plan: {_ext.reason()}")
     ids = torch.randint(0, C, (4096,), generator=gen).cuda()
     table = TABLE.cuda()
+    torch.ops.canet.plan(ids, table, 8)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
