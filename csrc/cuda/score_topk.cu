@@ -39,12 +39,30 @@ ScoreTopkResult score_topk_cuda(const at::Tensor& hidden, const at::Tensor& hidd
   at::Tensor scores = at::empty({B, k}, hid.options().dtype(at::kFloat));
   if (B == 0) return {ids, scores};
 
-  // A cached device attribute: no sync. (ATen's CUDAContext.h would pull in cuSPARSE headers.)
+  // Cached device attributes: no sync. (ATen's CUDAContext.h would pull in cuSPARSE headers.)
+  const int device = hidden.device().index();
   int num_sms = 0;
-  if (cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, hidden.device().index()) !=
-      cudaSuccess) {
+  if (cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     num_sms = 1;
     (void)cudaGetLastError();  // do not leave the failure to the next launch check
+  }
+  int shared_optin = 0;
+  if (cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) ==
+      cudaSuccess) {
+    const size_t needed = cuda::score_topk_shared_bytes(static_cast<int>(k), dtype);
+    if (needed > static_cast<size_t>(shared_optin)) {
+      int64_t fits = k;
+      while (fits > 1 &&
+             cuda::score_topk_shared_bytes(static_cast<int>(fits), dtype) >
+                 static_cast<size_t>(shared_optin)) {
+        --fits;
+      }
+      TORCH_CHECK(false, "canet::score_topk (CUDA kernel): k = ", k, " needs ", needed,
+                  " bytes of shared memory per block and this GPU (cuda:", device,
+                  ") allows ", shared_optin, "; use k <= ", fits, " here, or the CPU op");
+    }
+  } else {
+    (void)cudaGetLastError();  // unknown limit: the launch reports it if k does not fit
   }
   const int64_t chunks = cuda::score_topk_num_chunks(B, w.size(0), static_cast<int>(k), num_sms);
   // From the caching allocator on the current stream: no sync, and safe under graph capture.

@@ -495,6 +495,18 @@ int64_t score_topk_num_chunks(int64_t batch, int64_t rows, int k, int num_sms) {
   return chunks < 1 ? 1 : chunks;
 }
 
+size_t score_topk_shared_bytes(int k, ScoreDtype dtype) {
+  switch (dtype) {
+    case ScoreDtype::kFloat16:
+      return score_smem_layout<__half>(k).total;
+    case ScoreDtype::kBFloat16:
+      return score_smem_layout<__nv_bfloat16>(k).total;
+    case ScoreDtype::kFloat32:
+      break;
+  }
+  return score_smem_layout<float>(k).total;
+}
+
 size_t score_topk_workspace_bytes(int64_t batch, int64_t num_chunks, int k) {
   const size_t n = static_cast<size_t>(batch) * static_cast<size_t>(num_chunks) *
                    static_cast<size_t>(k);

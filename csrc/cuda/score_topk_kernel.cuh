@@ -42,6 +42,11 @@ struct ScoreTopkArgs {
 // candidates per user.
 int64_t score_topk_num_chunks(int64_t batch, int64_t rows, int k, int num_sms);
 
+// Dynamic shared memory per block of the scoring kernel for this k and dtype (it grows with
+// k: the candidates of the block's users live there). H100/A100 fit every k <= 200; GPUs with
+// ~100 KB per block (sm_86/sm_89) fit k up to about 70.
+size_t score_topk_shared_bytes(int k, ScoreDtype dtype);
+
 // Bytes of the scratch buffer (per-chunk candidates) score_topk_launch needs; 256-byte aligned.
 size_t score_topk_workspace_bytes(int64_t batch, int64_t num_chunks, int k);
 
