@@ -4,7 +4,8 @@ Metadata lives in pyproject.toml; this file only decides which extension to buil
 
 * ``CANET_NO_EXT=1``    -- no extension at all (canet then runs on its pure-PyTorch paths);
 * ``CANET_FORCE_CUDA=1`` -- compile the ``.cu`` sources even when no toolkit/GPU torch is seen;
-* otherwise CUDA sources are compiled when torch is a CUDA build and a toolkit is found.
+* otherwise CUDA sources are compiled when torch is a CUDA build and a toolkit is found
+  (``CUDA_HOME``, else the toolkit of the ``nvcc`` on PATH, followed through wrapper scripts).
 
 ``MAX_JOBS`` bounds the parallel compile jobs (read by torch's ninja build).
 Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
@@ -13,6 +14,9 @@ Install with ``pip install --no-build-isolation -e .`` so the build sees the ins
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,12 +43,45 @@ def read_sources() -> list[str]:
     return sources
 
 
+def _has_cudart(root: Path) -> bool:
+    libs = ("lib64", "lib", *(str(p.relative_to(root)) for p in root.glob("targets/*/lib")))
+    return any((root / lib / "libcudart.so").exists() for lib in libs)
+
+
+def point_cuda_home_past_nvcc_wrapper() -> None:
+    """Set CUDA_HOME when ``nvcc`` on PATH is a wrapper outside the toolkit (for example
+    /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc). torch would take the wrapper's
+    grandparent (/usr/local) as the toolkit and the link would fail on -lcudart; nvcc itself
+    names its real root in ``--dryrun`` output (``#$ TOP=...``). Does nothing when CUDA_HOME or
+    CUDA_PATH is set, or when the usual guess has the runtime library."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or _has_cudart(Path(nvcc).resolve().parent.parent):
+        return
+    try:
+        dry = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return
+    top = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.MULTILINE)
+    if top and _has_cudart(Path(top.group(1).strip()).resolve()):
+        root = Path(top.group(1).strip()).resolve()
+        os.environ["CUDA_HOME"] = str(root)
+        print(f"canet: {nvcc} is a wrapper; using CUDA_HOME={root} (the toolkit it runs)")
+
+
 def build_ext_modules() -> tuple[list, dict]:
     if _flag("CANET_NO_EXT"):
         print("canet: CANET_NO_EXT is set, building no native extension")
         return [], {}
 
     import torch
+
+    if torch.version.cuda is not None:
+        point_cuda_home_past_nvcc_wrapper()  # before torch.utils.cpp_extension reads CUDA_HOME
     from torch.utils.cpp_extension import (
         CUDA_HOME,
         BuildExtension,
