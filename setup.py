@@ -73,6 +73,28 @@ def point_cuda_home_past_nvcc_wrapper() -> None:
         print(f"canet: {nvcc} is a wrapper; using CUDA_HOME={root} (the toolkit it runs)")
 
 
+def cudart_link_dirs(cuda_home: str) -> list[str]:
+    """A library directory holding ``libcudart.so`` when the toolkit has only the versioned
+    ``libcudart.so.<major>`` (pip's CUDA wheels ship no unversioned name): torch links with
+    ``-lcudart``, which needs it. The link points at the toolkit's own file; at run time the
+    extension loads the same soname torch already loaded."""
+    home = Path(cuda_home)
+    searched = home / "lib64" if (home / "lib64").exists() else home / "lib"  # as torch does
+    if (searched / "libcudart.so").exists():
+        return []
+    lib_dirs = [home / "lib64", home / "lib", *home.glob("targets/*/lib")]
+    versioned = sorted(p for d in lib_dirs for p in d.glob("libcudart.so*"))
+    if not versioned:
+        return []
+    shim = ROOT / "build" / "cudart-link"
+    shim.mkdir(parents=True, exist_ok=True)
+    link = shim / "libcudart.so"
+    link.unlink(missing_ok=True)
+    link.symlink_to(versioned[0].resolve())
+    print(f"canet: {home} has no libcudart.so; linking against {versioned[0]} via {shim}")
+    return [str(shim)]
+
+
 def build_ext_modules() -> tuple[list, dict]:
     if _flag("CANET_NO_EXT"):
         print("canet: CANET_NO_EXT is set, building no native extension")
@@ -106,6 +128,7 @@ def build_ext_modules() -> tuple[list, dict]:
             "canet._C",
             sources,
             define_macros=[("CANET_WITH_CUDA", None)],
+            library_dirs=cudart_link_dirs(CUDA_HOME) if CUDA_HOME else [],
             extra_compile_args={
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
