@@ -76,7 +76,7 @@ def test_recommend(benchmark, recommend_engines, monkeypatch, items: int, batch:
     (routed_last_hidden + score_topk, the default) against ``dense`` (scores, scatter, topk)."""
     engine = recommend_engines[items]
     if path == "dense":
-        monkeypatch.setattr(engine, "_fused_top_k", lambda k: False)
+        monkeypatch.setattr(engine, "_fused_top_k", lambda *args: False)
     seqs = bench.make_sequences(batch, num_items=items)
     config_ids = bench.make_config_ids("paper", batch, engine.space)
     benchmark.group = f"recommend-N{items}-B{batch}"

@@ -174,9 +174,11 @@ class Engine:
         ``canet.ops.score_topk``). ``config_ids [B]``: as in :meth:`score`.
 
         On the native cpu backend with k <= 200, scoring and selection run fused in
-        ``canet.ops.score_topk`` (no ``[B, N+1]`` score matrix; equal scores rank the smaller
-        id first). Otherwise scores are computed in user chunks of at most
-        ``max_score_elements`` and selected with ``torch.topk``.
+        ``canet.ops.score_topk``: no ``[B, N+1]`` score matrix, equal scores rank the smaller
+        id first, and a NaN score counts as -inf. Otherwise (and when the exclusions would
+        not fit in ``max_score_elements``) scores are computed in user chunks of at most
+        ``max_score_elements`` and selected with ``torch.topk``, whose order among equal
+        scores is unspecified and which ranks NaN first.
         """
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_items:
             raise ValueError(f"k must be an int in [1, {self.num_items}], got {k!r}")
@@ -199,7 +201,7 @@ class Engine:
                 )
         with torch.inference_mode():
             config_ids, routed = self._config_ids(seqs, config_ids)
-            if self._fused_top_k(k):
+            if self._fused_top_k(k, seqs, exclude):
                 out = self._recommend_fused(seqs, config_ids, k, exclude_history, exclude)
             else:
                 out = self._recommend_dense(seqs, config_ids, k, exclude_history, exclude)
@@ -207,15 +209,22 @@ class Engine:
             return out
 
     # -- internals -------------------------------------------------------------------------
-    def _fused_top_k(self, k: int) -> bool:
+    def _fused_top_k(self, k: int, seqs: Tensor, exclude: tuple[Tensor, Tensor] | None) -> bool:
         # Scoring and selection in one native op (no [B, N+1] matrix) where it was measured to
         # beat matmul + topk: the native CPU backend (benches/bench_engine.py). GPU backends
-        # keep the dense path until a GPU run measures canet::score_topk there.
-        return (
+        # keep the dense path until a GPU run measures canet::score_topk there. The exclusion
+        # table is [B, L + most extra pairs of one user]: past max_score_elements, dense.
+        if not (
             hasattr(self._impl, "last_hidden")
             and k <= ops.SCORE_TOPK_MAX_K
             and _ext.has_kernel("score_topk", self.device.type)
-        )
+            and _ext.has_kernel("routed_last_hidden", self.device.type)
+        ):
+            return False
+        width = seqs.shape[1]
+        if exclude is not None and exclude[0].numel():
+            width += int(torch.bincount(exclude[0]).max())
+        return seqs.shape[0] * width <= self.max_score_elements
 
     def _recommend_fused(
         self,
@@ -230,7 +239,9 @@ class Engine:
         weight, bias = self._impl.output_layer()
         history = _exclusions(seqs, exclude_history, exclude)
         sizes = self._table[config_ids, 1]
-        return ops.score_topk(hidden, sizes, weight, bias, history, k, check_values=False)
+        ids, scores = ops.score_topk(hidden, sizes, weight, bias, history, k, check_values=False)
+        # As the dense path: a -inf (or NaN) score is no candidate.
+        return ids.masked_fill_(torch.isneginf(scores), -1), scores
 
     def _recommend_dense(
         self,

@@ -322,14 +322,16 @@ def score_topk(
             tensor to exclude nothing.
         k: 1 <= k <= min(200, N).
         check_values: check hidden_sizes' and history's ranges in Python (a device->host sync
-            on GPU tensors); the kernels themselves clamp sizes and ignore out-of-range ids.
+            on GPU tensors). Without it the CUDA kernel clamps sizes (the CPU kernel still
+            raises), and both kernels ignore history ids outside [1, N].
 
     Returns:
         ``(ids, scores)``, ``[B, k]`` each, best first: ids int64 over items 1..N (item 0 and
         excluded items are never returned); scores float32 (float64 for float64 inputs),
-        accumulated in that precision. Ties are broken by the smaller item id; a NaN score
-        ranks as -inf. A user with fewer than k candidates gets id -1 and score -inf in the
-        remaining slots.
+        accumulated in that precision, never requiring grad. On CPU a score is the same bits
+        whatever the batch, thread count or item position, so equal weight rows tie exactly.
+        Ties are broken by the smaller item id; a NaN score ranks as -inf. A user with fewer
+        than k candidates gets id -1 and score -inf in the remaining slots.
 
     Raises:
         ValueError: on a wrong dtype, shape, device mix, k, or (with check_values) value range.
@@ -337,9 +339,9 @@ def score_topk(
     history = _validate_score_topk(
         hidden, hidden_sizes, weight, bias, history, k, check_values
     )
-    if _ext.has_kernel("score_topk", hidden.device.type):
-        ids, scores = torch.ops.canet.score_topk(hidden, hidden_sizes, weight, bias, history, k)
-        return ids, scores
-    return score_topk_reference(
-        hidden, hidden_sizes, weight, bias, history, k, check_values=False
-    )
+    with torch.no_grad():  # a selection: not differentiable, whichever path runs
+        if _ext.has_kernel("score_topk", hidden.device.type):
+            return torch.ops.canet.score_topk(hidden, hidden_sizes, weight, bias, history, k)
+        return score_topk_reference(
+            hidden, hidden_sizes, weight, bias, history, k, check_values=False
+        )

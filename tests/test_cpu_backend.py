@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_engine import MAX_LEN, NUM_ITEMS, batch, make_model, reference, relative_error
 
-from canet import Engine, RoutingSpace, backends
+from canet import Engine, RoutingSpace, _ext, backends
 from canet.ops import plan
 
 pytestmark = pytest.mark.skipif(
@@ -184,9 +184,9 @@ def test_fused_recommend_equals_dense(model64, dtype, monkeypatch):
     ids = torch.arange(80) % 36
     rows = torch.tensor([79, 3, 3, 0, 40, 3])
     items = torch.tensor([1, 2, 61, 7, 7, 2])  # a repeated pair, and rows out of order
-    assert engine._fused_top_k(10)
+    assert engine._fused_top_k(10, seqs, (rows, items))
     fused = engine.recommend(seqs, k=10, config_ids=ids, exclude=(rows, items))
-    monkeypatch.setattr(engine, "_fused_top_k", lambda k: False)
+    monkeypatch.setattr(engine, "_fused_top_k", lambda *args: False)
     dense = engine.recommend(seqs, k=10, config_ids=ids, exclude=(rows, items))
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(fused[1], dense[1], rtol=tol, atol=tol)
@@ -194,6 +194,40 @@ def test_fused_recommend_equals_dense(model64, dtype, monkeypatch):
         assert torch.equal(fused[0], dense[0])
     for row, item in zip(rows.tolist(), items.tolist(), strict=True):
         assert item not in fused[0][row].tolist()
+
+
+def test_fused_recommend_drops_minus_inf_scores_like_dense(monkeypatch):
+    # Items banned through a -inf bias are no candidates on either path: id -1, score -inf.
+    model = make_model(torch.float32)
+    with torch.no_grad():
+        model.supernet.out.bias[4:] = float("-inf")  # only items 1, 2, 3 can be recommended
+    engine = Engine(model, backend="cpu")
+    seqs = torch.tensor([[0] * (MAX_LEN - 1) + [2], [0] * (MAX_LEN - 1) + [9]])
+    fused = engine.recommend(seqs, k=5)
+    monkeypatch.setattr(engine, "_fused_top_k", lambda *args: False)
+    dense = engine.recommend(seqs, k=5)
+    for ids, values in (fused, dense):
+        assert sorted(ids[0, :2].tolist()) == [1, 3] and ids[0, 2:].eq(-1).all()
+        assert sorted(ids[1, :3].tolist()) == [1, 2, 3] and ids[1, 3:].eq(-1).all()
+        assert torch.isneginf(values[0, 2:]).all() and torch.isneginf(values[1, 3:]).all()
+    torch.testing.assert_close(fused[1], dense[1])
+
+
+def test_recommend_takes_the_dense_path_when_fusing_cannot_run(model64, monkeypatch):
+    engine = Engine(model64, backend="cpu", max_score_elements=64 * (NUM_ITEMS + 1))
+    seqs = batch(6, seed=23)
+    assert engine._fused_top_k(10, seqs, None)
+    # Exclusions wider than max_score_elements allows: one user with many pairs.
+    rows = torch.zeros(NUM_ITEMS * 64, dtype=torch.long)
+    items = torch.arange(NUM_ITEMS * 64) % NUM_ITEMS + 1
+    assert not engine._fused_top_k(10, seqs, (rows, items))
+    # An extension built before routed_last_hidden existed (a pull without a rebuild).
+    real = _ext.has_kernel
+    stale = lambda op, dev: op != "routed_last_hidden" and real(op, dev)  # noqa: E731
+    monkeypatch.setattr(_ext, "has_kernel", stale)
+    assert not engine._fused_top_k(10, seqs, None)
+    ids, _ = engine.recommend(seqs, k=10, exclude=(rows, items))
+    assert ids[0].eq(-1).all() and ids[1:].ge(1).all()
 
 
 def test_exclusions_table():

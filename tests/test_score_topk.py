@@ -208,6 +208,81 @@ def test_cpu_spans_item_chunks_user_tiles_and_sizes(gen, dtype) -> None:
 
 
 @native_cpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_scores_do_not_depend_on_batch_threads_or_position(gen, dtype) -> None:
+    # Equal weight rows at chunk edges and the ragged tail score bit-equal, so the tie rule
+    # puts them in id order; a user's result is the same bits alone, in a batch, and at any
+    # thread count (the GEMM that filters may round differently in each of these).
+    batch, items, h_max = 40, 1400, 48
+    hidden, sizes, weight, bias, history = make_inputs(gen, batch, items, h_max, dtype)
+    copies = [5, 511, 512, 1023, 1399, 1400]
+    weight[copies] = weight[5].clone()
+    bias[copies] = bias[5].clone()
+    # Copies of row 5 rank high: every user's hidden state leans towards it.
+    hidden[:, :] = torch.where(hidden.isnan(), hidden, hidden.abs() * weight[5].sign())
+    history[:] = 0
+    ids, scores = score_topk(hidden, sizes, weight, bias, history, k=50)
+    for b in range(batch):
+        got = [i for i in ids[b].tolist() if i in copies]
+        assert got == sorted(got), (b, ids[b].tolist())
+        at = [ids[b].tolist().index(i) for i in got]
+        assert len({float(scores[b, j]) for j in at}) <= 1, (b, scores[b, at])
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for b in (0, 17, batch - 1):
+                alone = score_topk(hidden[b : b + 1], sizes[b : b + 1], weight, bias,
+                                   history[b : b + 1], k=50)
+                assert torch.equal(alone[0][0], ids[b]) and torch.equal(alone[1][0], scores[b])
+    finally:
+        torch.set_num_threads(before)
+
+
+@native_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_small_batches_split_the_catalogue_across_threads(gen, dtype) -> None:
+    # B below one tile per thread: the items are split into parts whose top-k are merged. The
+    # result must be the one-thread result, bit for bit, and a valid top-k.
+    hidden, sizes, weight, bias, history = make_inputs(gen, 3, 20000, 32, dtype, history_len=900)
+    weight[17000:17010] = weight[3].clone()  # ties across parts
+    bias[17000:17010] = bias[3].clone()
+    before = torch.get_num_threads()
+    try:
+        for k in (1, 37, 200):
+            torch.set_num_threads(1)
+            want = score_topk(hidden, sizes, weight, bias, history, k=k)
+            check_topk(*want, (hidden, sizes, weight, bias, history), k, tolerance(dtype))
+            for threads in (2, 3, 4):
+                torch.set_num_threads(threads)
+                got = score_topk(hidden, sizes, weight, bias, history, k=k)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), threads
+    finally:
+        torch.set_num_threads(before)
+
+
+@native_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_accepts_parameters_with_and_without_grad_mode(gen, dtype) -> None:
+    # A model's output layer is a Parameter (requires_grad): no autograd error, in grad mode or
+    # not, with several user tiles over several threads.
+    hidden, sizes, weight, bias, history = make_inputs(gen, 40, 700, 16, dtype)
+    w, b = torch.nn.Parameter(weight), torch.nn.Parameter(bias)
+    want = score_topk(hidden, sizes, weight, bias, history, k=9)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = score_topk(hidden, sizes, w, b, history, k=9)
+        with torch.no_grad():
+            got_no_grad = score_topk(hidden, sizes, w, b, history, k=9)
+    finally:
+        torch.set_num_threads(before)
+    for ids, scores in (got, got_no_grad):
+        assert torch.equal(ids, want[0]) and torch.equal(scores, want[1])
+        assert not scores.requires_grad
+
+
+@native_cpu
 def test_cpu_reads_strided_hidden_in_place(gen) -> None:
     hidden, sizes, weight, bias, history = make_inputs(gen, 6, 120, 16, torch.float32)
     wide = torch.full((6, 3, 16), float("nan"))

@@ -1,8 +1,11 @@
 // CPU kernel of canet::score_topk, plus the input checks shared with the CUDA binding.
 //
-// Users are processed in tiles over chunks of kItemChunk items: each chunk's scores for the
-// tile come from one GEMM per hidden size, are offered to the users' top-k heaps while in
-// cache, and the [B, N+1] score matrix never exists.
+// Users are processed in tiles over chunks of items: each chunk's scores for the
+// tile come from one GEMM per hidden size and are offered to the users' top-k heaps while in
+// cache; the [B, N+1] score matrix never exists. The GEMM only selects: its rounding depends
+// on the tile (position in the chunk, batch, thread count), so every item that could enter a
+// heap is re-scored with a fixed-order dot product, and results are the same bits whatever
+// the batch, the threads or the item's position (equal rows score equal, ties break by id).
 #include "../score_topk.h"
 
 #include <ATen/ATen.h>
@@ -68,13 +71,36 @@ void check_score_topk_inputs(const at::Tensor& hidden, const at::Tensor& hidden_
 namespace {
 
 // A work item is a tile of users; its users are split by hidden size and each size's rows are
-// scored against chunks of kItemChunk items with one GEMM (ATen's BLAS), so the chunk's
+// scored against chunks of items with one GEMM (ATen's BLAS), so the chunk's
 // weights are read once per tile and the [tile, chunk] scores stay in cache for the
-// selection. Tiles are kMaxUserTile users at most and smaller for small batches, so that
-// every thread gets work.
+// selection. Tiles are as large as the batch allows (kMaxUserTile at most); threads share
+// the work through the catalogue split into parts when there are fewer tiles than threads.
 constexpr int64_t kMinUserTile = 8;
 constexpr int64_t kMaxUserTile = 128;
-constexpr int64_t kItemChunk = 512;
+// Items per chunk: about kChunkScores scores per tile (256 KB in fp64), 512 to 4096 items;
+// small tiles take long chunks so that the per-GEMM overhead stays small.
+constexpr int64_t kChunkScores = 32768;
+constexpr int64_t kMinItemChunk = 512;
+constexpr int64_t kMaxItemChunk = 4096;
+// Items per catalogue part at least: below that, a part's fixed costs (packing the users,
+// their exclusions, filling the heaps) outweigh what another thread saves.
+constexpr int64_t kMinPartItems = 1024;
+
+// The exact score's dot product: one fixed summation order for every caller. Eight
+// independent partial sums let the compiler vectorise without reassociating a single chain
+// (which it may not do without -ffast-math).
+template <typename acc_t>
+inline acc_t dot(const acc_t* x, const acc_t* w, int64_t n) {
+  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int l = 0; l < 8; ++l) part[l] += x[j + l] * w[j + l];
+  }
+  acc_t tail = 0;
+  for (; j < n; ++j) tail += x[j] * w[j];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) +
+         tail;
+}
 
 template <typename acc_t>
 struct Candidate {
@@ -87,6 +113,20 @@ template <typename acc_t>
 inline bool ranks_before(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
   return a.score > b.score || (a.score == b.score && a.id < b.id);
 }
+
+// What the selection needs of one chunk of items, for users of one hidden size h: the bias,
+// and a bound on |GEMM score - exact score|. Any two summation orders of a length-h dot
+// product differ by at most 2 gamma_h sum_j |x_j w_j| <= 2 gamma_h |x| |w[:h]| <= 2 gamma_h
+// |x| |w| (Cauchy-Schwarz; |w| over the whole row), and adding the bias rounds once more, so
+// slack = rel (|x| |w_i| + |b_i|) with rel = 2 (h + 2) eps covers both, about twice over.
+template <typename acc_t>
+struct ChunkBounds {
+  int64_t base, n;        // items base + [0, n)
+  const acc_t* bias;      // [n]
+  const acc_t* norm;      // [n] |w_i|
+  const acc_t* abs_bias;  // [n] |b_i|
+  acc_t rel;
+};
 
 // One user's k best so far. Items arrive in ascending id order, so an item whose score only
 // equals the current worst is never better (the tie rule prefers the smaller id): once full,
@@ -106,28 +146,41 @@ class TopK {
     std::sort(excluded_.begin(), excluded_.end());
   }
 
-  // Offers items base + [0, n) with scores scores[i] + bias[i].
-  void offer(const acc_t* scores, const acc_t* bias, int64_t n, int64_t base) {
+  // Offers the items of one chunk to this user. `approx` holds the GEMM's scores (bias not
+  // added); an item can only beat the current worst if approx + bias + its slack does, and
+  // only then is its exact score computed.
+  template <typename Exact>
+  void offer(const acc_t* approx, const ChunkBounds<acc_t>& chunk, acc_t x_norm,
+             const Exact& exact) {
+    const int64_t n = chunk.n;
     int64_t i = 0;
-    for (; i < n && heap_.size() < k_; ++i) insert(scores[i] + bias[i], base + i);
+    for (; i < n && heap_.size() < k_; ++i) insert(exact(i), chunk.base + i);
     if (heap_.size() < k_) return;
-    // Full: almost every item loses to the current worst, so test a block of them with one
-    // branch (the compiler vectorises the test) and look closer only at blocks with a winner.
+    // Full: almost every item loses, so test a block of them with one branch (the compiler
+    // vectorises the test) and look closer only at blocks with a possible winner.
     constexpr int64_t kBlock = 16;
+    const acc_t* b = chunk.bias;
+    const acc_t* norm = chunk.norm;
+    const acc_t* abs_b = chunk.abs_bias;
+    const acc_t rel = chunk.rel;
     acc_t worst = heap_.front().score;
+    auto may_win = [&](int64_t t) {
+      return approx[t] + b[t] + rel * (x_norm * norm[t] + abs_b[t]) > worst;
+    };
     for (; i < n; i += kBlock) {
       const int64_t len = std::min(kBlock, n - i);
       bool any = false;
       if (len == kBlock) {
-        for (int64_t j = 0; j < kBlock; ++j) any |= scores[i + j] + bias[i + j] > worst;
+        for (int64_t j = 0; j < kBlock; ++j) any |= may_win(i + j);
       } else {
-        for (int64_t j = 0; j < len; ++j) any |= scores[i + j] + bias[i + j] > worst;
+        for (int64_t j = 0; j < len; ++j) any |= may_win(i + j);
       }
       if (!any) continue;
       for (int64_t j = 0; j < len; ++j) {
-        const acc_t score = scores[i + j] + bias[i + j];
+        if (!may_win(i + j)) continue;
+        const acc_t score = exact(i + j);
         if (score > worst) {
-          insert(score, base + i + j);
+          insert(score, chunk.base + i + j);
           worst = heap_.front().score;
         }
       }
@@ -181,16 +234,31 @@ void score_topk_kernel(const at::Tensor& hidden, const int64_t* sizes, const at:
   const scalar_t* hid = hidden.data_ptr<scalar_t>();
   const scalar_t* w = weight.data_ptr<scalar_t>();
   const scalar_t* bias_p = bias.data_ptr<scalar_t>();
-  const int64_t per_thread = (B + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
-  const int64_t user_tile = std::clamp(per_thread, kMinUserTile, kMaxUserTile);
+  // Large tiles: every tile streams the whole catalogue's weights once, so fewer tiles means
+  // less memory traffic. Work for every thread (two items each, for balance) then comes from
+  // splitting the catalogue into parts of whole chunks, at least kMinPartItems items each;
+  // each part keeps its own top-k per user and the parts are merged at the end. Scores are
+  // exact, so the result does not depend on the split.
+  const int64_t threads = at::get_num_threads();
+  const int64_t user_tile = std::clamp(B, kMinUserTile, kMaxUserTile);
   const int64_t tiles = (B + user_tile - 1) / user_tile;
+  const int64_t item_chunk =
+      std::clamp((kChunkScores / user_tile + 511) / 512 * 512, kMinItemChunk, kMaxItemChunk);
+  const int64_t chunks = (rows + item_chunk - 1) / item_chunk;
+  const int64_t parts = std::max<int64_t>(
+      1, std::min({(2 * threads + tiles - 1) / tiles, chunks, rows / kMinPartItems}));
+  const int64_t part_items = (chunks + parts - 1) / parts * item_chunk;
+  // Per part, the users' k best: [parts, B, k] (unused when parts == 1).
+  std::vector<int64_t> part_ids(parts > 1 ? static_cast<size_t>(parts * B * k) : 0);
+  std::vector<acc_t> part_scores(part_ids.size());
 
-  at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+  at::parallel_for(0, tiles * parts, 1, [&](int64_t work_begin, int64_t work_end) {
     // x: the tile's users, packed per hidden size ([n_run, h] each); scores: [n_run, chunk].
     at::Tensor x = at::empty({user_tile * h_cap}, acc_options);
-    at::Tensor scores = at::empty({user_tile * kItemChunk}, acc_options);
-    at::Tensor w_wide = kInPlace ? at::Tensor() : at::empty({kItemChunk, h_cap}, acc_options);
-    std::vector<acc_t> b_chunk(kItemChunk);
+    at::Tensor scores = at::empty({user_tile * item_chunk}, acc_options);
+    at::Tensor w_wide = kInPlace ? at::Tensor() : at::empty({item_chunk, h_cap}, acc_options);
+    std::vector<acc_t> b_chunk(item_chunk), abs_bias(item_chunk), item_norm(item_chunk);
+    std::vector<acc_t> x_norm(static_cast<size_t>(user_tile));
     std::vector<TopK<acc_t>> best(static_cast<size_t>(user_tile));
     std::vector<int64_t> by_size(static_cast<size_t>(user_tile));
     struct Run {
@@ -198,7 +266,10 @@ void score_topk_kernel(const at::Tensor& hidden, const int64_t* sizes, const at:
     };
     std::vector<Run> runs;
 
-    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    for (int64_t work = work_begin; work < work_end; ++work) {
+      const int64_t tile = work / parts, part = work % parts;
+      const int64_t first_item = part * part_items;
+      const int64_t end_item = std::min(rows, first_item + part_items);
       const int64_t u0 = tile * user_tile;
       const int64_t nu = std::min(user_tile, B - u0);
       std::iota(by_size.begin(), by_size.begin() + nu, u0);
@@ -213,17 +284,27 @@ void score_topk_kernel(const at::Tensor& hidden, const int64_t* sizes, const at:
         if (runs.empty() || runs.back().h != h) runs.push_back({h, r, r, x_offset});
         runs.back().last = r + 1;
         // Only the first h entries are read: the rest of the row may hold anything (NaN).
-        for (int64_t j = 0; j < h; ++j) x_p[x_offset + j] = static_cast<acc_t>(hid[u * hidden_stride + j]);
+        acc_t squares = 0;
+        for (int64_t j = 0; j < h; ++j) {
+          const acc_t v = static_cast<acc_t>(hid[u * hidden_stride + j]);
+          x_p[x_offset + j] = v;
+          squares += v * v;
+        }
+        x_norm[u - u0] = std::sqrt(squares);
         x_offset += h;
         tile_h = std::max(tile_h, h);
         best[u - u0].reset(k, history + u * history_len, history ? history_len : 0, rows);
       }
 
-      for (int64_t base = 0; base < rows; base += kItemChunk) {
-        const int64_t n = std::min(kItemChunk, rows - base);
+      for (int64_t base = first_item; base < end_item; base += item_chunk) {
+        const int64_t n = std::min(item_chunk, end_item - base);
         at::Tensor chunk;  // [n, h_cap] rows with unit inner stride
+        const acc_t* chunk_rows = nullptr;
+        int64_t chunk_ld = 0;
         if constexpr (kInPlace) {
           chunk = weight.narrow(0, base, n);
+          chunk_rows = w + base * weight_stride;
+          chunk_ld = weight_stride;
         } else {
           acc_t* dst = w_wide.data_ptr<acc_t>();
           for (int64_t i = 0; i < n; ++i) {
@@ -231,8 +312,18 @@ void score_topk_kernel(const at::Tensor& hidden, const int64_t* sizes, const at:
             for (int64_t j = 0; j < tile_h; ++j) dst[i * h_cap + j] = static_cast<acc_t>(src[j]);
           }
           chunk = w_wide.narrow(0, 0, n);
+          chunk_rows = dst;
+          chunk_ld = h_cap;
         }
-        for (int64_t i = 0; i < n; ++i) b_chunk[i] = static_cast<acc_t>(bias_p[base + i]);
+        for (int64_t i = 0; i < n; ++i) {
+          b_chunk[i] = static_cast<acc_t>(bias_p[base + i]);
+          abs_bias[i] = std::abs(b_chunk[i]);
+          // |w_i| over the columns the tile reads bounds |w_i[:h]| for all of its sizes.
+          const acc_t* row = chunk_rows + i * chunk_ld;
+          acc_t squares = 0;
+          for (int64_t j = 0; j < tile_h; ++j) squares += row[j] * row[j];
+          item_norm[i] = std::sqrt(squares);
+        }
 
         for (const Run& run : runs) {
           const int64_t m = run.last - run.first;
@@ -243,14 +334,47 @@ void score_topk_kernel(const at::Tensor& hidden, const int64_t* sizes, const at:
             at::mm_out(s, x.narrow(0, run.x_offset, m * run.h).view({m, run.h}),
                        chunk.narrow(1, 0, run.h).t());
           }
+          const ChunkBounds<acc_t> bounds{
+              base, n, b_chunk.data(), item_norm.data(), abs_bias.data(),
+              2 * static_cast<acc_t>(run.h + 2) * std::numeric_limits<acc_t>::epsilon()};
           const acc_t* s_p = s.data_ptr<acc_t>();
           for (int64_t r = 0; r < m; ++r) {
-            best[by_size[run.first + r] - u0].offer(s_p + r * n, b_chunk.data(), n, base);
+            const int64_t t = by_size[run.first + r] - u0;
+            const acc_t* xu = x_p + run.x_offset + r * run.h;
+            const auto exact = [&](int64_t i) {
+              return dot(xu, chunk_rows + i * chunk_ld, run.h) + b_chunk[i];
+            };
+            best[t].offer(s_p + r * n, bounds, x_norm[t], exact);
           }
         }
       }
 
-      for (int64_t t = 0; t < nu; ++t) best[t].write(out_ids + (u0 + t) * k, out_scores + (u0 + t) * k);
+      int64_t* ids_to = parts == 1 ? out_ids : part_ids.data() + part * B * k;
+      acc_t* scores_to = parts == 1 ? out_scores : part_scores.data() + part * B * k;
+      for (int64_t t = 0; t < nu; ++t) {
+        best[t].write(ids_to + (u0 + t) * k, scores_to + (u0 + t) * k);
+      }
+    }
+  });
+  if (parts == 1) return;
+
+  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+    std::vector<Candidate<acc_t>> all;
+    for (int64_t u = begin; u < end; ++u) {
+      all.clear();
+      for (int64_t part = 0; part < parts; ++part) {
+        const int64_t at = (part * B + u) * k;
+        for (int64_t r = 0; r < k && part_ids[at + r] >= 0; ++r) {
+          all.push_back({part_scores[at + r], part_ids[at + r]});
+        }
+      }
+      const size_t keep = std::min(all.size(), static_cast<size_t>(k));
+      std::partial_sort(all.begin(), all.begin() + keep, all.end(), ranks_before<acc_t>);
+      for (int64_t r = 0; r < k; ++r) {
+        const bool filled = r < static_cast<int64_t>(keep);
+        out_ids[u * k + r] = filled ? all[r].id : -1;
+        out_scores[u * k + r] = filled ? all[r].score : -std::numeric_limits<acc_t>::infinity();
+      }
     }
   });
 }
@@ -277,8 +401,12 @@ ScoreTopkResult score_topk_cpu(const at::Tensor& hidden, const at::Tensor& hidde
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "score_topk_cpu",
                                   [&] {
+                                    // Detached: the workers of at::parallel_for do not
+                                    // inherit no_grad, and mm_out refuses inputs that
+                                    // require grad (a model's Parameter).
                                     score_topk_kernel<scalar_t>(
-                                        in.hidden, size_p, in.weight, in.bias, in.history_ptr(),
+                                        in.hidden.detach(), size_p, in.weight.detach(), in.bias,
+                                        in.history_ptr(),
                                         in.history_len(), k, ids.data_ptr<int64_t>(),
                                         scores.data_ptr());
                                   });
