@@ -283,6 +283,28 @@ def test_cpu_accepts_parameters_with_and_without_grad_mode(gen, dtype) -> None:
 
 
 @native_cpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_non_finite_values_in_a_mixed_tile(gen, dtype) -> None:
+    # Users of sizes 0..8 share a tile: NaN/inf in weight columns past a small user's size
+    # (read for the larger ones), +-inf and NaN biases, inf in one user's own hidden state.
+    # Integer data: the reference's scores are exact, so the results must match bit for bit.
+    inputs = make_inputs(gen, 12, 700, 8, dtype, integer=True,
+                         sizes=[0, 1, 4, 8, 1, 0, 8, 3, 4, 2, 8, 1])
+    hidden, sizes, weight, bias, history = inputs
+    weight[torch.randint(1, 701, (60,), generator=gen), 4:] = float("nan")
+    weight[torch.randint(1, 701, (20,), generator=gen), 2] = float("inf")
+    bias[torch.randint(1, 701, (30,), generator=gen)] = float("inf")
+    bias[torch.randint(1, 701, (30,), generator=gen)] = float("-inf")
+    bias[torch.randint(1, 701, (10,), generator=gen)] = float("nan")
+    hidden[6, 1] = float("inf")
+    for k in (1, 50, 200):
+        ids, scores = native(*inputs, k)
+        ref_ids, ref_scores = score_topk_reference(*inputs, k=k)
+        assert torch.equal(ids, ref_ids), k
+        assert torch.equal(scores, ref_scores), k
+
+
+@native_cpu
 def test_cpu_reads_strided_hidden_in_place(gen) -> None:
     hidden, sizes, weight, bias, history = make_inputs(gen, 6, 120, 16, torch.float32)
     wide = torch.full((6, 3, 16), float("nan"))

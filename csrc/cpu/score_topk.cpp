@@ -164,8 +164,10 @@ class TopK {
     const acc_t* abs_b = chunk.abs_bias;
     const acc_t rel = chunk.rel;
     acc_t worst = heap_.front().score;
+    // "Not provably below the worst": a NaN anywhere in the bound (non-finite weights or
+    // bias, 0 * inf) means re-score, never skip.
     auto may_win = [&](int64_t t) {
-      return approx[t] + b[t] + rel * (x_norm * norm[t] + abs_b[t]) > worst;
+      return !(approx[t] + b[t] + rel * (x_norm * norm[t] + abs_b[t]) <= worst);
     };
     for (; i < n; i += kBlock) {
       const int64_t len = std::min(kBlock, n - i);
