@@ -43,9 +43,13 @@ def read_sources() -> list[str]:
     return sources
 
 
-def _has_cudart(root: Path) -> bool:
-    libs = ("lib64", "lib", *(str(p.relative_to(root)) for p in root.glob("targets/*/lib")))
-    return any((root / lib / "libcudart.so").exists() for lib in libs)
+def _is_toolkit_root(root: Path) -> bool:
+    """A toolkit root: the runtime library (any version) and its header."""
+    lib_dirs = [root / "lib64", root / "lib", *root.glob("targets/*/lib")]
+    include_dirs = [root / "include", *root.glob("targets/*/include")]
+    return any(any(d.glob("libcudart.so*")) for d in lib_dirs) and any(
+        (d / "cuda_runtime.h").exists() for d in include_dirs
+    )
 
 
 def point_cuda_home_past_nvcc_wrapper() -> None:
@@ -57,7 +61,7 @@ def point_cuda_home_past_nvcc_wrapper() -> None:
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
     nvcc = shutil.which("nvcc")
-    if nvcc is None or _has_cudart(Path(nvcc).resolve().parent.parent):
+    if nvcc is None or _is_toolkit_root(Path(nvcc).resolve().parent.parent):
         return
     try:
         dry = subprocess.run(
@@ -67,7 +71,7 @@ def point_cuda_home_past_nvcc_wrapper() -> None:
     except (OSError, subprocess.SubprocessError):
         return
     top = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.MULTILINE)
-    if top and _has_cudart(Path(top.group(1).strip()).resolve()):
+    if top and _is_toolkit_root(Path(top.group(1).strip()).resolve()):
         root = Path(top.group(1).strip()).resolve()
         os.environ["CUDA_HOME"] = str(root)
         print(f"canet: {nvcc} is a wrapper; using CUDA_HOME={root} (the toolkit it runs)")

@@ -311,7 +311,7 @@ def score_topk(
     User b's score of item i is ``hidden[b, :h] . weight[i, :h] + bias[i]`` with
     ``h = hidden_sizes[b]``: ``hidden[b, h:]`` is ignored (it may hold anything, NaN included).
     On CUDA ``weight[i, h:]`` is multiplied by zero rather than skipped, so it must be finite
-    (any trained output layer is); on CPU it is not read.
+    (any trained output layer is); on CPU its values never change the result.
 
     Args:
         hidden: [B, h_max] float32/float16/bfloat16 (float64 on CPU only).

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 
 namespace canet {
 namespace {
@@ -52,14 +53,15 @@ ScoreTopkResult score_topk_cuda(const at::Tensor& hidden, const at::Tensor& hidd
     const size_t needed = cuda::score_topk_shared_bytes(static_cast<int>(k), dtype);
     if (needed > static_cast<size_t>(shared_optin)) {
       int64_t fits = k;
-      while (fits > 1 &&
-             cuda::score_topk_shared_bytes(static_cast<int>(fits), dtype) >
-                 static_cast<size_t>(shared_optin)) {
+      while (fits > 0 && cuda::score_topk_shared_bytes(static_cast<int>(fits), dtype) >
+                             static_cast<size_t>(shared_optin)) {
         --fits;
       }
       TORCH_CHECK(false, "canet::score_topk (CUDA kernel): k = ", k, " needs ", needed,
                   " bytes of shared memory per block and this GPU (cuda:", device,
-                  ") allows ", shared_optin, "; use k <= ", fits, " here, or the CPU op");
+                  ") allows ", shared_optin, "; ",
+                  fits > 0 ? "use k <= " + std::to_string(fits) + " here, or the CPU op"
+                           : std::string("no k fits here: use the CPU op"));
     }
   } else {
     (void)cudaGetLastError();  // unknown limit: the launch reports it if k does not fit
