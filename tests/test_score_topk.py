@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from canet import _ext
 from canet.ops import score_topk, score_topk_reference
@@ -302,6 +304,35 @@ def test_cpu_non_finite_values_in_a_mixed_tile(gen, dtype) -> None:
         ref_ids, ref_scores = score_topk_reference(*inputs, k=k)
         assert torch.equal(ids, ref_ids), k
         assert torch.equal(scores, ref_scores), k
+
+
+@native_cpu
+@settings(max_examples=60)
+@given(
+    batch=st.integers(1, 40),
+    items=st.integers(1, 5000),
+    h_max=st.integers(1, 20),
+    k=st.integers(1, 200),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]),
+    threads=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cpu_equals_reference_bit_for_bit_on_integers(batch, items, h_max, k, dtype, threads, seed):
+    # Integer data: every score is exact in any summation order, so the op (GEMM filter, exact
+    # re-scoring, catalogue parts, any thread count) must give the reference's bits and order.
+    k = min(k, items)
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, h_max + 1, (batch,), generator=gen).tolist()
+    inputs = make_inputs(gen, batch, items, h_max, dtype, integer=True,
+                         history_len=int(torch.randint(0, 60, (1,), generator=gen)), sizes=sizes)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        ids, scores = native(*inputs, k)
+    finally:
+        torch.set_num_threads(before)
+    ref_ids, ref_scores = score_topk_reference(*inputs, k=k)
+    assert torch.equal(ids, ref_ids) and torch.equal(scores, ref_scores)
 
 
 @native_cpu
