@@ -57,7 +57,7 @@ def point_cuda_home_past_nvcc_wrapper() -> None:
     /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc). torch would take the wrapper's
     grandparent (/usr/local) as the toolkit and the link would fail on -lcudart; nvcc itself
     names its real root in ``--dryrun`` output (``#$ TOP=...``). Does nothing when CUDA_HOME or
-    CUDA_PATH is set, or when the usual guess has the runtime library."""
+    CUDA_PATH is set, or when torch's guess is a toolkit root already."""
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
     nvcc = shutil.which("nvcc")

@@ -1,5 +1,6 @@
 // CPU kernels of canet::routed_scores, canet::routed_last_hidden and canet::router_logits: the
-// whole routed forward of a batch in one call (semantics: canet/model.py, Supernet.hidden_last and Supernet.logits).
+// whole routed forward of a batch in one call (semantics: canet/model.py, Supernet.hidden_last
+// and Supernet.logits).
 //
 // Work is split into items of (one group, a run of its users). Items run in parallel, each on
 // one thread with its own workspace, when the extension is compiled with -fopenmp (see

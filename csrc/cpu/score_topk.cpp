@@ -1,11 +1,11 @@
 // CPU kernel of canet::score_topk, plus the input checks shared with the CUDA binding.
 //
-// Users are processed in tiles over chunks of items: each chunk's scores for the
-// tile come from one GEMM per hidden size and are offered to the users' top-k heaps while in
-// cache; the [B, N+1] score matrix never exists. The GEMM only selects: its rounding depends
-// on the tile (position in the chunk, batch, thread count), so every item that could enter a
-// heap is re-scored with a fixed-order dot product, and results are the same bits whatever
-// the batch, the threads or the item's position (equal rows score equal, ties break by id).
+// Users are processed in tiles over chunks of items: each chunk's scores for the tile come
+// from one GEMM per hidden size and are offered to the users' top-k heaps while in cache; the
+// [B, N+1] score matrix never exists. The GEMM only selects: its rounding depends on the tile
+// (position in the chunk, batch, thread count), so every item that could enter a heap is
+// re-scored with a fixed-order dot product, and results are the same bits whatever the batch,
+// the threads or the item's position (equal rows score equal, ties break by id).
 #include "../score_topk.h"
 
 #include <ATen/ATen.h>
@@ -71,10 +71,10 @@ void check_score_topk_inputs(const at::Tensor& hidden, const at::Tensor& hidden_
 namespace {
 
 // A work item is a tile of users; its users are split by hidden size and each size's rows are
-// scored against chunks of items with one GEMM (ATen's BLAS), so the chunk's
-// weights are read once per tile and the [tile, chunk] scores stay in cache for the
-// selection. Tiles are as large as the batch allows (kMaxUserTile at most); threads share
-// the work through the catalogue split into parts when there are fewer tiles than threads.
+// scored against chunks of items with one GEMM (ATen's BLAS), so the chunk's weights are read
+// once per tile and the [tile, chunk] scores stay in cache for the selection. Tiles are as
+// large as the batch allows (kMaxUserTile at most); threads share the work through the
+// catalogue split into parts when there are fewer tiles than threads.
 constexpr int64_t kMinUserTile = 8;
 constexpr int64_t kMaxUserTile = 128;
 // Items per chunk: about kChunkScores scores per tile (256 KB in fp64), 512 to 4096 items;
