@@ -230,6 +230,35 @@ def test_recommend_takes_the_dense_path_when_fusing_cannot_run(model64, monkeypa
     assert ids[0].eq(-1).all() and ids[1:].ge(1).all()
 
 
+def test_ops_accept_parameters_on_several_threads():
+    # The ops called with the model's Parameters (requires_grad), not state_dict tensors: no
+    # autograd error on the worker threads, in grad mode or not, and the same results.
+    model = make_model(torch.float32)
+    engine = Engine(model, backend="cpu")
+    impl = engine._impl
+    by_ptr = {p.data_ptr(): p for p in model.parameters()}
+    params = [by_ptr.get(w.data_ptr(), w) for w in impl.weights]
+    router = [by_ptr.get(w.data_ptr(), w) for w in impl.router_weights]
+    assert sum(p.requires_grad for p in params) > 100
+    seqs = batch(300, seed=24)
+    p = plan(torch.randint(0, 36, (300,), generator=torch.Generator().manual_seed(6)), impl.table)
+    args = (seqs, p.order, p.group_config, p.group_offsets, impl.table)
+    ops = (routed, torch.ops.canet.routed_last_hidden)
+    want = [op(*args, impl.weights, impl.heads) for op in ops]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                got = [op(*args, params, impl.heads) for op in ops]
+                logits = torch.ops.canet.router_logits(seqs, router, impl.router_heads)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+            torch.testing.assert_close(logits, impl.router_logits(seqs), rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_exclusions_table():
     from canet.engine import _exclusions
 

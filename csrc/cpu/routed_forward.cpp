@@ -166,6 +166,16 @@ struct Workspace {
   }
 };
 
+// The weights as the kernels use them. Detached: the workers of at::parallel_for do not
+// inherit the caller's no_grad/inference mode, and mm_out refuses operands that require grad
+// (a model's Parameters passed directly).
+std::vector<Tensor> detached(at::TensorList weights) {
+  std::vector<Tensor> out;
+  out.reserve(weights.size());
+  for (const Tensor& t : weights) out.push_back(t.defined() ? t.detach() : t);
+  return out;
+}
+
 template <typename T>
 Tensor view(T* data, int64_t rows, int64_t cols, int64_t ld) {
   return at::from_blob(data, {rows, cols}, {ld, 1},
@@ -520,7 +530,7 @@ Tensor routed_forward_cpu(const Tensor& seqs_in, const Tensor& order_in,
               " * max_depth tensors (item_emb, pos_emb, in_proj w/b, per block ",
               kTensorsPerBlock, ", out w/b), got ", count);
   const int64_t depth_max = (count - kSupernetExtra) / kTensorsPerBlock;
-  std::vector<Tensor> w(weights.begin(), weights.end());
+  const std::vector<Tensor> w = detached(weights);
   TORCH_CHECK(w[0].defined() && w[0].dim() == 2 && w[2].defined() && w[2].dim() == 2, op,
               ": weights[0] (item_emb) and weights[2] (in_proj.weight) must be 2-D");
   const at::ScalarType dtype = w[0].scalar_type();
@@ -678,7 +688,7 @@ Tensor router_logits_cpu(const Tensor& seqs_in, at::TensorList weights, int64_t 
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == kRouterTensors, op, ": weights must hold ",
               kRouterTensors, " tensors (item_emb, pos_emb, ", kTensorsPerBlock,
               " block tensors, head w/b), got ", weights.size());
-  std::vector<Tensor> w(weights.begin(), weights.end());
+  const std::vector<Tensor> w = detached(weights);
   TORCH_CHECK(w[0].defined() && w[0].dim() == 2, op,
               ": weights[0] (item_emb.weight) must be 2-D [N+1, dim]");
   const at::ScalarType dtype = w[0].scalar_type();
