@@ -13,10 +13,8 @@ Install with ``pip install --no-build-isolation -e .`` so the build sees the ins
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -43,38 +41,16 @@ def read_sources() -> list[str]:
     return sources
 
 
-def _is_toolkit_root(root: Path) -> bool:
-    """A toolkit root: the runtime library (any version) and its header."""
-    lib_dirs = [root / "lib64", root / "lib", *root.glob("targets/*/lib")]
-    include_dirs = [root / "include", *root.glob("targets/*/include")]
-    return any(any(d.glob("libcudart.so*")) for d in lib_dirs) and any(
-        (d / "cuda_runtime.h").exists() for d in include_dirs
-    )
-
-
 def point_cuda_home_past_nvcc_wrapper() -> None:
-    """Set CUDA_HOME when ``nvcc`` on PATH is a wrapper outside the toolkit (for example
-    /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc). torch would take the wrapper's
-    grandparent (/usr/local) as the toolkit and the link would fail on -lcudart; nvcc itself
-    names its real root in ``--dryrun`` output (``#$ TOP=...``). Does nothing when CUDA_HOME or
-    CUDA_PATH is set, or when torch's guess is a toolkit root already."""
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return
-    nvcc = shutil.which("nvcc")
-    if nvcc is None or _is_toolkit_root(Path(nvcc).resolve().parent.parent):
-        return
-    try:
-        dry = subprocess.run(
-            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-            capture_output=True, text=True, timeout=60,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return
-    top = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.MULTILINE)
-    if top and _is_toolkit_root(Path(top.group(1).strip()).resolve()):
-        root = Path(top.group(1).strip()).resolve()
+    """Set CUDA_HOME to the toolkit an ``nvcc`` wrapper runs (csrc/cuda_home.py says when and
+    why), before torch.utils.cpp_extension reads it."""
+    spec = importlib.util.spec_from_file_location("canet_cuda_home", ROOT / "csrc" / "cuda_home.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    root = module.toolkit_behind_nvcc_wrapper()
+    if root is not None:
         os.environ["CUDA_HOME"] = str(root)
-        print(f"canet: {nvcc} is a wrapper; using CUDA_HOME={root} (the toolkit it runs)")
+        print(f"canet: nvcc on PATH is a wrapper; using CUDA_HOME={root} (the toolkit it runs)")
 
 
 def cudart_link_dirs(cuda_home: str) -> list[str]:

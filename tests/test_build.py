@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -212,6 +213,30 @@ def test_cuda_binding_compiles_with_torch_headers(src: Path, tmp_path: Path) -> 
 
 
 # --- CMake (development build) -----------------------------------------------------------------
+
+
+def test_sdist_carries_what_the_build_reads(tmp_path: Path) -> None:
+    # A build from the sdist reads csrc/sources.txt and csrc/cuda_home.py and compiles every
+    # listed source with its headers: all of csrc/ and CMakeLists.txt must be in it.
+    # In a copy without build outputs: an existing *.egg-info/SOURCES.txt would fill the gaps.
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "runs",
+        ".hypothesis", ".benchmarks", ".pytest_cache", ".ruff_cache"))
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
+        cwd=tree, env={**os.environ, "CANET_NO_EXT": "1"}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    wanted = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()
+              and p.suffix in (".txt", ".py", ".h", ".cuh", ".cpp", ".cu")}
+    assert "csrc/sources.txt" in wanted and "csrc/cuda_home.py" in wanted
+    assert not wanted - names, sorted(wanted - names)
+    assert "CMakeLists.txt" in names
 
 
 @pytest.mark.slow
