@@ -336,6 +336,48 @@ def test_cpu_equals_reference_bit_for_bit_on_integers(batch, items, h_max, k, dt
 
 
 @native_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_tiny_hidden_states_keep_exact_scores(gen, dtype) -> None:
+    # |x|^2 underflows (x ~ 2^-76 in fp32, 2^-540 in fp64) while the products x_j w_j are
+    # ordinary numbers, and the items' scores differ by a few ulps: the filter's bound must not
+    # collapse to 0, or the GEMM's rounding hides exact winners. Each user's result in a batch
+    # of 9 (the GEMM path) must be its result alone (exact scores only).
+    tiny, big, spread = (2.0**-76, 2.0**60, 1e-7) if dtype == torch.float32 else (
+        2.0**-540, 2.0**500, 1e-16)
+    batch, items, h = 9, 3000, 48
+    hidden = (torch.randn(batch, h, generator=gen, dtype=torch.float64) * tiny).to(dtype)
+    row = torch.randn(1, h, generator=gen, dtype=torch.float64)
+    noise = torch.randn(items + 1, h, generator=gen, dtype=torch.float64)
+    weight = ((row + spread * noise) * big).to(dtype)
+    bias, sizes = torch.zeros(items + 1, dtype=dtype), torch.full((batch,), h)
+    assert float((hidden[0] * hidden[0]).sum()) < torch.finfo(dtype).tiny  # underflows
+    ids, scores = torch.ops.canet.score_topk(hidden, sizes, weight, bias, None, 10)
+    for b in range(batch):
+        alone = torch.ops.canet.score_topk(hidden[b : b + 1], sizes[b : b + 1], weight, bias,
+                                           None, 10)
+        assert torch.equal(alone[0][0], ids[b]) and torch.equal(alone[1][0], scores[b]), b
+
+
+@native_cpu
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+def test_cpu_reduced_precision_matmul_setting_changes_nothing(gen, precision) -> None:
+    # With oneDNN's float32 matmul allowed to run in bf16/tf32, the filtering GEMM may round
+    # far more coarsely (AMX CPUs); the kernel widens its bound, and scores stay exact.
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if matmul is None or not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no torch.backends.mkldnn.matmul.fp32_precision")
+    inputs = make_inputs(gen, 40, 3000, 64, torch.float32)
+    want = score_topk(*inputs, k=20)
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = precision
+        got = score_topk(*inputs, k=20)
+    finally:
+        matmul.fp32_precision = before
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@native_cpu
 def test_cpu_reads_strided_hidden_in_place(gen) -> None:
     hidden, sizes, weight, bias, history = make_inputs(gen, 6, 120, 16, torch.float32)
     wide = torch.full((6, 3, 16), float("nan"))

@@ -85,6 +85,9 @@ constexpr int64_t kMaxItemChunk = 4096;
 // Items per catalogue part at least: below that, a part's fixed costs (packing the users,
 // their exclusions, filling the heaps) outweigh what another thread saves.
 constexpr int64_t kMinPartItems = 1024;
+// Runs of this many users or fewer skip the GEMM: exact dot products for every item are
+// cheaper than a thin GEMM plus the bound's norms (measured crossover: 16-32 users, 2 cores).
+constexpr int64_t kMaxExactOnlyRun = 16;
 
 // The exact score's dot product: one fixed summation order for every caller. Eight
 // independent partial sums let the compiler vectorise without reassociating a single chain
@@ -119,14 +122,41 @@ inline bool ranks_before(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
 // product differ by at most 2 gamma_h sum_j |x_j w_j| <= 2 gamma_h |x| |w[:h]| <= 2 gamma_h
 // |x| |w| (Cauchy-Schwarz; |w| over the whole row), and adding the bias rounds once more, so
 // slack = rel (|x| |w_i| + |b_i|) with rel = 2 (h + 2) eps covers both, about twice over.
+// Products in the subnormal range round with an absolute error instead: floor = 4 (h + 2)
+// times the smallest subnormal covers those. A GEMM in reduced precision (float32 matmul set
+// to tf32/bf16 for oneDNN) gets rel = 1/64, wider than bf16's rounding of its operands.
 template <typename acc_t>
 struct ChunkBounds {
   int64_t base, n;        // items base + [0, n)
   const acc_t* bias;      // [n]
   const acc_t* norm;      // [n] |w_i|
   const acc_t* abs_bias;  // [n] |b_i|
-  acc_t rel;
+  acc_t rel, floor;
 };
+
+// |v| without underflow to 0 or overflow of the squares: float squares are summed in double
+// (whose range holds them all); double is scaled by its largest magnitude first, as LAPACK's
+// nrm2 does. inf and NaN come back as inf and NaN.
+inline float stable_norm(const float* v, int64_t n) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(v[j]) * v[j];
+  return static_cast<float>(std::sqrt(sum));
+}
+
+inline double stable_norm(const double* v, int64_t n) {
+  double big = 0;
+  for (int64_t j = 0; j < n; ++j) big = std::max(big, std::abs(v[j]));
+  if (!(big > 0) || !std::isfinite(big)) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (std::isnan(v[j])) return v[j];
+    }
+    return big;
+  }
+  const double inv = 1 / big;
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += (v[j] * inv) * (v[j] * inv);
+  return big * std::sqrt(sum);
+}
 
 // One user's k best so far. Items arrive in ascending id order, so an item whose score only
 // equals the current worst is never better (the tie rule prefers the smaller id): once full,
@@ -162,12 +192,12 @@ class TopK {
     const acc_t* b = chunk.bias;
     const acc_t* norm = chunk.norm;
     const acc_t* abs_b = chunk.abs_bias;
-    const acc_t rel = chunk.rel;
+    const acc_t rel = chunk.rel, floor = chunk.floor;
     acc_t worst = heap_.front().score;
     // "Not provably below the worst": a NaN anywhere in the bound (non-finite weights or
     // bias, 0 * inf) means re-score, never skip.
     auto may_win = [&](int64_t t) {
-      return !(approx[t] + b[t] + rel * (x_norm * norm[t] + abs_b[t]) <= worst);
+      return !(approx[t] + b[t] + (rel * (x_norm * norm[t] + abs_b[t]) + floor) <= worst);
     };
     for (; i < n; i += kBlock) {
       const int64_t len = std::min(kBlock, n - i);
@@ -186,6 +216,18 @@ class TopK {
           worst = heap_.front().score;
         }
       }
+    }
+  }
+
+  // Offers items base + [0, n) by their exact scores alone (runs of a few users, where a GEMM
+  // and the bound would cost more than they save).
+  template <typename Exact>
+  void offer_exact(int64_t base, int64_t n, const Exact& exact) {
+    int64_t i = 0;
+    for (; i < n && heap_.size() < k_; ++i) insert(exact(i), base + i);
+    for (; i < n; ++i) {
+      const acc_t score = exact(i);
+      if (score > heap_.front().score) insert(score, base + i);
     }
   }
 
@@ -241,6 +283,11 @@ void score_topk_kernel(const at::Tensor& hidden, const int64_t* sizes, const at:
   // splitting the catalogue into parts of whole chunks, at least kMinPartItems items each;
   // each part keeps its own top-k per user and the parts are merged at the end. Scores are
   // exact, so the result does not depend on the split.
+  const at::Float32Precision matmul_precision =
+      at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  const bool reduced_precision_gemm =
+      std::is_same_v<acc_t, float> && (matmul_precision == at::Float32Precision::TF32 ||
+                                       matmul_precision == at::Float32Precision::BF16);
   const int64_t threads = at::get_num_threads();
   const int64_t user_tile = std::clamp(B, kMinUserTile, kMaxUserTile);
   const int64_t tiles = (B + user_tile - 1) / user_tile;
@@ -286,18 +333,18 @@ void score_topk_kernel(const at::Tensor& hidden, const int64_t* sizes, const at:
         if (runs.empty() || runs.back().h != h) runs.push_back({h, r, r, x_offset});
         runs.back().last = r + 1;
         // Only the first h entries are read: the rest of the row may hold anything (NaN).
-        acc_t squares = 0;
         for (int64_t j = 0; j < h; ++j) {
-          const acc_t v = static_cast<acc_t>(hid[u * hidden_stride + j]);
-          x_p[x_offset + j] = v;
-          squares += v * v;
+          x_p[x_offset + j] = static_cast<acc_t>(hid[u * hidden_stride + j]);
         }
-        x_norm[u - u0] = std::sqrt(squares);
+        x_norm[u - u0] = stable_norm(x_p + x_offset, h);
         x_offset += h;
         tile_h = std::max(tile_h, h);
         best[u - u0].reset(k, history + u * history_len, history ? history_len : 0, rows);
       }
 
+      const bool gemm_runs = std::any_of(runs.begin(), runs.end(), [](const Run& run) {
+        return run.last - run.first > kMaxExactOnlyRun;
+      });
       for (int64_t base = first_item; base < end_item; base += item_chunk) {
         const int64_t n = std::min(item_chunk, end_item - base);
         at::Tensor chunk;  // [n, h_cap] rows with unit inner stride
@@ -321,14 +368,20 @@ void score_topk_kernel(const at::Tensor& hidden, const int64_t* sizes, const at:
           b_chunk[i] = static_cast<acc_t>(bias_p[base + i]);
           abs_bias[i] = std::abs(b_chunk[i]);
           // |w_i| over the columns the tile reads bounds |w_i[:h]| for all of its sizes.
-          const acc_t* row = chunk_rows + i * chunk_ld;
-          acc_t squares = 0;
-          for (int64_t j = 0; j < tile_h; ++j) squares += row[j] * row[j];
-          item_norm[i] = std::sqrt(squares);
+          if (gemm_runs) item_norm[i] = stable_norm(chunk_rows + i * chunk_ld, tile_h);
         }
 
         for (const Run& run : runs) {
           const int64_t m = run.last - run.first;
+          if (m <= kMaxExactOnlyRun) {
+            for (int64_t r = 0; r < m; ++r) {
+              const acc_t* xu = x_p + run.x_offset + r * run.h;
+              best[by_size[run.first + r] - u0].offer_exact(base, n, [&](int64_t i) {
+                return dot(xu, chunk_rows + i * chunk_ld, run.h) + b_chunk[i];
+              });
+            }
+            continue;
+          }
           at::Tensor s = scores.narrow(0, 0, m * n).view({m, n});
           if (run.h == 0) {
             s.zero_();
@@ -336,9 +389,11 @@ void score_topk_kernel(const at::Tensor& hidden, const int64_t* sizes, const at:
             at::mm_out(s, x.narrow(0, run.x_offset, m * run.h).view({m, run.h}),
                        chunk.narrow(1, 0, run.h).t());
           }
+          const acc_t rel = 2 * static_cast<acc_t>(run.h + 2) * std::numeric_limits<acc_t>::epsilon();
           const ChunkBounds<acc_t> bounds{
               base, n, b_chunk.data(), item_norm.data(), abs_bias.data(),
-              2 * static_cast<acc_t>(run.h + 2) * std::numeric_limits<acc_t>::epsilon()};
+              reduced_precision_gemm ? std::max(rel, acc_t(1) / 64) : rel,
+              4 * static_cast<acc_t>(run.h + 2) * std::numeric_limits<acc_t>::denorm_min()};
           const acc_t* s_p = s.data_ptr<acc_t>();
           for (int64_t r = 0; r < m; ++r) {
             const int64_t t = by_size[run.first + r] - u0;
