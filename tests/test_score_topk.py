@@ -215,8 +215,10 @@ def test_cpu_scores_do_not_depend_on_batch_threads_or_position(gen, dtype) -> No
     # Equal weight rows at chunk edges and the ragged tail score bit-equal, so the tie rule
     # puts them in id order; a user's result is the same bits alone, in a batch, and at any
     # thread count (the GEMM that filters may round differently in each of these).
-    batch, items, h_max = 40, 1400, 48
-    hidden, sizes, weight, bias, history = make_inputs(gen, batch, items, h_max, dtype)
+    batch, items, h_max = 70, 1400, 48
+    sizes = [48] * 25 + [36] * 25 + [24] * 20  # runs of 17+ users: the GEMM-and-bound path
+    hidden, sizes, weight, bias, history = make_inputs(gen, batch, items, h_max, dtype,
+                                                       sizes=sizes)
     copies = [5, 511, 512, 1023, 1399, 1400]
     weight[copies] = weight[5].clone()
     bias[copies] = bias[5].clone()
@@ -290,8 +292,9 @@ def test_cpu_non_finite_values_in_a_mixed_tile(gen, dtype) -> None:
     # Users of sizes 0..8 share a tile: NaN/inf in weight columns past a small user's size
     # (read for the larger ones), +-inf and NaN biases, inf in one user's own hidden state.
     # Integer data: the reference's scores are exact, so the results must match bit for bit.
-    inputs = make_inputs(gen, 12, 700, 8, dtype, integer=True,
-                         sizes=[0, 1, 4, 8, 1, 0, 8, 3, 4, 2, 8, 1])
+    # 17+ users per size: the runs take the GEMM-and-bound path, not exact dots alone.
+    inputs = make_inputs(gen, 80, 700, 8, dtype, integer=True,
+                         sizes=[0, 1, 4, 8, 1, 0, 8, 3, 4, 2, 8, 1, 1, 4, 8, 8] * 5)
     hidden, sizes, weight, bias, history = inputs
     weight[torch.randint(1, 701, (60,), generator=gen), 4:] = float("nan")
     weight[torch.randint(1, 701, (20,), generator=gen), 2] = float("inf")
@@ -341,10 +344,10 @@ def test_cpu_tiny_hidden_states_keep_exact_scores(gen, dtype) -> None:
     # |x|^2 underflows (x ~ 2^-76 in fp32, 2^-540 in fp64) while the products x_j w_j are
     # ordinary numbers, and the items' scores differ by a few ulps: the filter's bound must not
     # collapse to 0, or the GEMM's rounding hides exact winners. Each user's result in a batch
-    # of 9 (the GEMM path) must be its result alone (exact scores only).
+    # of 24 (one run past 16 users: the GEMM path) must be its result alone (exact dots only).
     tiny, big, spread = (2.0**-76, 2.0**60, 1e-7) if dtype == torch.float32 else (
         2.0**-540, 2.0**500, 1e-16)
-    batch, items, h = 9, 3000, 48
+    batch, items, h = 24, 3000, 48
     hidden = (torch.randn(batch, h, generator=gen, dtype=torch.float64) * tiny).to(dtype)
     row = torch.randn(1, h, generator=gen, dtype=torch.float64)
     noise = torch.randn(items + 1, h, generator=gen, dtype=torch.float64)

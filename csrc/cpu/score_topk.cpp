@@ -5,7 +5,8 @@
 // [B, N+1] score matrix never exists. The GEMM only selects: its rounding depends on the tile
 // (position in the chunk, batch, thread count), so every item that could enter a heap is
 // re-scored with a fixed-order dot product, and results are the same bits whatever the batch,
-// the threads or the item's position (equal rows score equal, ties break by id).
+// the threads or the item's position (equal rows score equal, ties break by id). Runs of a
+// few users (small batches) skip the GEMM and score every item exactly.
 #include "../score_topk.h"
 
 #include <ATen/ATen.h>
