@@ -159,6 +159,18 @@ inline double stable_norm(const double* v, int64_t n) {
   return big * std::sqrt(sum);
 }
 
+// Writes the first `count` of `ranked` (best first) into k slots; slots past them get id -1
+// and score -inf.
+template <typename acc_t>
+void write_ranked(const Candidate<acc_t>* ranked, size_t count, int64_t k, int64_t* ids,
+                  acc_t* scores) {
+  for (int64_t r = 0; r < k; ++r) {
+    const bool filled = static_cast<size_t>(r) < count;
+    ids[r] = filled ? ranked[r].id : -1;
+    scores[r] = filled ? ranked[r].score : -std::numeric_limits<acc_t>::infinity();
+  }
+}
+
 // One user's k best so far. Items arrive in ascending id order, so an item whose score only
 // equals the current worst is never better (the tie rule prefers the smaller id): once full,
 // the heap changes only on a strictly larger score, and NaN (ranked like -inf) never enters.
@@ -235,11 +247,7 @@ class TopK {
   // Best first; slots past the candidates get id -1 and score -inf.
   void write(int64_t* ids, acc_t* scores) {
     std::sort(heap_.begin(), heap_.end(), ranks_before<acc_t>);
-    for (size_t r = 0; r < k_; ++r) {
-      const bool filled = r < heap_.size();
-      ids[r] = filled ? heap_[r].id : -1;
-      scores[r] = filled ? heap_[r].score : -std::numeric_limits<acc_t>::infinity();
-    }
+    write_ranked(heap_.data(), heap_.size(), static_cast<int64_t>(k_), ids, scores);
   }
 
  private:
@@ -374,12 +382,16 @@ void score_topk_kernel(const at::Tensor& hidden, const int64_t* sizes, const at:
 
         for (const Run& run : runs) {
           const int64_t m = run.last - run.first;
+          // The exact score of item base + i for the run's r-th user.
+          const auto exact_for = [&](int64_t r) {
+            const acc_t* xu = x_p + run.x_offset + r * run.h;
+            return [&, xu](int64_t i) {
+              return dot(xu, chunk_rows + i * chunk_ld, run.h) + b_chunk[i];
+            };
+          };
           if (m <= kMaxExactOnlyRun) {
             for (int64_t r = 0; r < m; ++r) {
-              const acc_t* xu = x_p + run.x_offset + r * run.h;
-              best[by_size[run.first + r] - u0].offer_exact(base, n, [&](int64_t i) {
-                return dot(xu, chunk_rows + i * chunk_ld, run.h) + b_chunk[i];
-              });
+              best[by_size[run.first + r] - u0].offer_exact(base, n, exact_for(r));
             }
             continue;
           }
@@ -398,11 +410,7 @@ void score_topk_kernel(const at::Tensor& hidden, const int64_t* sizes, const at:
           const acc_t* s_p = s.data_ptr<acc_t>();
           for (int64_t r = 0; r < m; ++r) {
             const int64_t t = by_size[run.first + r] - u0;
-            const acc_t* xu = x_p + run.x_offset + r * run.h;
-            const auto exact = [&](int64_t i) {
-              return dot(xu, chunk_rows + i * chunk_ld, run.h) + b_chunk[i];
-            };
-            best[t].offer(s_p + r * n, bounds, x_norm[t], exact);
+            best[t].offer(s_p + r * n, bounds, x_norm[t], exact_for(r));
           }
         }
       }
@@ -428,11 +436,7 @@ void score_topk_kernel(const at::Tensor& hidden, const int64_t* sizes, const at:
       }
       const size_t keep = std::min(all.size(), static_cast<size_t>(k));
       std::partial_sort(all.begin(), all.begin() + keep, all.end(), ranks_before<acc_t>);
-      for (int64_t r = 0; r < k; ++r) {
-        const bool filled = r < static_cast<int64_t>(keep);
-        out_ids[u * k + r] = filled ? all[r].id : -1;
-        out_scores[u * k + r] = filled ? all[r].score : -std::numeric_limits<acc_t>::infinity();
-      }
+      write_ranked(all.data(), keep, k, out_ids + u * k, out_scores + u * k);
     }
   });
 }
