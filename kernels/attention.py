@@ -32,7 +32,9 @@ def head_dim_block(max_hidden: int, heads: int) -> int:
     return max(16, triton.next_power_of_2(max_hidden // heads))
 
 
-@triton.jit
+# Batch- and layer-dependent ints are not specialized (16-divisibility, == 1): one compile
+# serves every batch size and layer; HEAD_DIM_PAD already gives the vector alignment.
+@triton.jit(do_not_specialize=["qkv_rows", "seq_len", "layer"])
 def _grouped_attention_kernel(
     qkv_ptr,  # [3, HEADS, qkv_rows, HEAD_DIM_PAD]
     out_ptr,  # [B * L, ld_out]

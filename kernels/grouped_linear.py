@@ -63,7 +63,13 @@ def _config_size(config_table_ptr, config, SOURCE: tl.constexpr, full):
     return size
 
 
-@triton.jit
+# Batch-dependent ints are not specialized (16-divisibility, == 1), nor is the alignment of
+# ``ranges_ptr`` (a row of the per-layer table, 12-byte rows): one compile serves every batch
+# size and layer. The leading dimensions stay specialized: they give the vector widths.
+@triton.jit(
+    do_not_specialize=["seq_len", "full_n", "token_capacity", "qkv_rows"],
+    do_not_specialize_on_alignment=["ranges_ptr"],
+)
 def _grouped_linear_kernel(
     a_ptr,  # [rows, lda] activations (unused when GATHER)
     lda,

@@ -68,7 +68,9 @@ def _user_groups(config_ids_ptr, config_rank_ptr, start, num_users, groups,
     return users, in_batch, (group[:, None] == groups[None, :]).to(tl.int64)
 
 
-@triton.jit
+# The batch-dependent ints (and num_configs, 1 in a one-config space) are not specialized
+# (16-divisibility, == 1): one compile serves every batch size.
+@triton.jit(do_not_specialize=["num_users", "num_configs", "seq_len", "token_capacity"])
 def _plan_kernel(
     config_ids_ptr,  # [B] int64 (sort mode)
     config_rank_ptr,  # [C] int32: group index of each config id (sort mode)
