@@ -8,6 +8,7 @@ replay over three routing mixes and the launch count of one forward.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import subprocess
@@ -273,7 +274,37 @@ def test_op_bench_writes_its_files_when_the_extension_lacks_cuda(monkeypatch, tm
 
 # -- GPU -------------------------------------------------------------------------------------
 
-GPU_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+# The issue's rule (FlashAttention's): the error against a float64 reference that uses the same
+# dtype-rounded weights is at most twice the PyTorch supernet's own error in that dtype, plus
+# GPU_ATOL (all relative to the largest score, as relative_error measures).
+GPU_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+
+
+def gpu_model(max_len):
+    """make_model with its matrices at half scale, on CUDA. At full scale (std 0.3, 8 blocks,
+    L = 50) the network amplifies rounding about a thousandfold: rounding its weights alone to
+    bf16 moves the scores by 25-30% of the largest one (10-15% for fp16, 1e-4 for fp32
+    arithmetic), which leaves a dtype comparison nothing to measure. At half scale: 2%, 0.3%
+    and 2e-6 (measured on CPU in float64)."""
+    model = make_model(torch.float32, num_items=NUM_ITEMS, max_len=max_len)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and "ln" not in name:
+                p.mul_(0.5)
+    return model.cuda()
+
+
+def check_against_reference(got, model, seqs, ids, dtype):
+    """``got`` (scores in ``dtype``) against the issue's rule, for the given config ids."""
+    rounded = copy.deepcopy(model).to(dtype)
+    want = copy.deepcopy(rounded).double().score(seqs, ids)
+    baseline = relative_error(rounded.score(seqs, ids), want)
+    error = relative_error(got, want)
+    assert got.dtype == dtype and torch.isneginf(got[:, 0]).all()
+    assert error <= 2 * baseline + GPU_ATOL[dtype], (
+        f"{dtype}: error {error:.3g} > 2 x the PyTorch supernet's {baseline:.3g} + "
+        f"{GPU_ATOL[dtype]:g}"
+    )
 
 
 def gpu_batch(size, max_len, seed):
@@ -284,29 +315,26 @@ def gpu_batch(size, max_len, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("size, max_len", [(1, 50), (300, 50), (77, 1), (129, 13), (72, 50)])
 def test_gpu_scores_match_model(dtype, size, max_len):
-    model = make_model(torch.float32, num_items=NUM_ITEMS, max_len=max_len).cuda()
+    model = gpu_model(max_len)
     engine = Engine(model, backend="triton", dtype=dtype)
     seqs = gpu_batch(size, max_len, seed=size)
     ids = torch.randint(0, 36, (size,), generator=torch.Generator().manual_seed(size)).cuda()
-    got = engine.score(seqs, ids)
-    assert got.dtype == dtype and torch.isneginf(got[:, 0]).all()
-    assert relative_error(got, model.score(seqs, ids)) < GPU_TOL[dtype]
+    check_against_reference(engine.score(seqs, ids), model, seqs, ids, dtype)
 
 
 @pytest.mark.gpu
 def test_gpu_one_user_with_max_len_1():
-    """B * L == 1: the launcher passes the int arguments equal to 1 as constexprs."""
-    model = make_model(torch.float32, num_items=NUM_ITEMS, max_len=1).cuda()
+    model = gpu_model(max_len=1)
     engine = Engine(model, backend="triton")
     seqs, ids = gpu_batch(1, 1, seed=5), torch.tensor([35], device="cuda")
-    assert relative_error(engine.score(seqs, ids), model.score(seqs, ids)) < GPU_TOL[torch.float32]
+    check_against_reference(engine.score(seqs, ids), model, seqs, ids, torch.float32)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_graph_replay_any_mix(dtype):
     size, max_len = 257, 50
-    model = make_model(torch.float32, num_items=NUM_ITEMS, max_len=max_len).cuda()
+    model = gpu_model(max_len)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     backend = triton_backend.Backend(model.arch, state, torch.device("cuda"))
     captured = backend.capture(size, routed=False)
@@ -317,20 +345,25 @@ def test_gpu_graph_replay_any_mix(dtype):
         torch.randint(0, 2, (size,), generator=g) * 35,
     ]
     for i, ids in enumerate(mixes):
-        seqs = gpu_batch(size, max_len, seed=i)
-        got = captured(seqs, ids.cuda()).clone()
-        assert relative_error(got, model.score(seqs, ids.cuda())) < GPU_TOL[dtype]
+        seqs, ids = gpu_batch(size, max_len, seed=i), ids.cuda()
+        check_against_reference(captured(seqs, ids).clone(), model, seqs, ids, dtype)
     routed = backend.capture(size, routed=True)
     for i in range(3):
         seqs = gpu_batch(size, max_len, seed=10 + i)
-        assert relative_error(routed(seqs), model.score(seqs)) < GPU_TOL[dtype]
+        got = routed(seqs).clone()
+        # The graph routes with the dtype's router: a few bf16 argmaxes differ from float32's
+        # (1-3 of 257 users on CPU), so the reference takes the graph's own choices. Those must
+        # be the eager router's (a near-tie could flip if a library picked another kernel).
+        ids = routed.config_ids.clone()
+        assert (ids == backend.route(seqs)).float().mean() >= 0.99
+        check_against_reference(got, model, seqs, ids, dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mix", ["one_config", "all_36"])
 def test_gpu_launch_count_of_one_forward(mix):
     size, max_len = 512, 50
-    model = make_model(torch.float32, num_items=NUM_ITEMS, max_len=max_len).cuda()
+    model = gpu_model(max_len)
     backend = triton_backend.Backend(model.arch, model.state_dict(), torch.device("cuda"))
     ids = torch.full((size,), 7) if mix == "one_config" else torch.arange(size) % 36
     ids, seqs = ids.cuda(), gpu_batch(size, max_len, seed=3)
