@@ -48,6 +48,8 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 from canet import CANet, RoutingSpace  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# JITFunction._pack_args and get_ptxas(arch), which compute and compile a key as a launch does.
+MIN_TRITON = (3, 6)
 # Largest dynamic shared memory one block may opt in to (CUDA programming guide, compute
 # capabilities table); Triton refuses to load a kernel that needs more.
 SHARED_LIMIT_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
@@ -118,6 +120,7 @@ def record_forwards(
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("kernel_report records compiled kernels: unset TRITON_INTERPRET")
+    require_triton()
     space = space or RoutingSpace()
     launches: list[Launch] = []
     with recording_launches() as recorded:
@@ -139,6 +142,19 @@ def record_forwards(
                             launch.case = case
         launches.extend(recorded)
     return launches
+
+
+def require_triton() -> None:
+    """Refuse a triton older than :data:`MIN_TRITON` with a readable reason."""
+    from canet.backends.triton_backend import _triton_version
+
+    found = _triton_version()
+    if found is None or found < MIN_TRITON:
+        have = "no triton" if found is None else "triton " + ".".join(map(str, found))
+        raise RuntimeError(
+            f"kernel_report needs triton >= {'.'.join(map(str, MIN_TRITON))} (its compile-key "
+            f"and ptxas helpers), found {have}; the kernels themselves run with triton >= 3.4"
+        )
 
 
 def _target(arch: int):
@@ -315,7 +331,7 @@ def markdown(meta: dict, triton_rows: list[dict], cuda_rows: list[dict]) -> str:
     lines = [
         f"# canet kernels for sm_{meta['arch']}, compiled without a GPU ({meta['date']})",
         "",
-        f"triton {meta['triton']}, torch {meta['torch']}, nvcc: {meta['nvcc'] or 'none'}; "
+        f"triton {meta['triton']}, torch {meta['torch']}, nvcc: {meta['nvcc'] or 'not used'}; "
         f"{meta['host_cpus']} CPUs here. Static facts, not GPU timings.",
         "",
         f"## Triton: {len(triton_rows)} specializations from {meta['forwards']} forwards "
@@ -344,7 +360,7 @@ def markdown(meta: dict, triton_rows: list[dict], cuda_rows: list[dict]) -> str:
         )
     lines += ["", f"## CUDA (`csrc/cuda/*_kernel.cu`, nvcc -Xptxas -v, sm_{meta['arch']})", ""]
     if not cuda_rows:
-        lines.append("nvcc not found: not compiled.")
+        lines.append("Skipped (--no-cuda)." if meta["no_cuda"] else "nvcc not found: not compiled.")
     else:
         lines += ["| source | kernel | regs | spill st/ld B | static shared B |",
                   "|---|---|---:|---:|---:|"]
@@ -401,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date": dt.date.today().isoformat(), "arch": args.arch, "triton": triton.__version__,
         "torch": torch.__version__, "nvcc": None if args.no_cuda else shutil.which("nvcc"),
+        "no_cuda": args.no_cuda,
         "host_cpus": os.cpu_count(), "dtypes": args.dtypes, "batches": args.batch,
         "max_lens": args.max_len, "items": args.items, "launches": len(launches),
         "forwards": len({launch.case for launch in launches}),

@@ -32,9 +32,14 @@ def head_dim_block(max_hidden: int, heads: int) -> int:
     return max(16, triton.next_power_of_2(max_hidden // heads))
 
 
-# Batch- and layer-dependent ints are not specialized (16-divisibility, == 1): one compile
-# serves every batch size and layer; HEAD_DIM_PAD already gives the vector alignment.
-@triton.jit(do_not_specialize=["qkv_rows", "seq_len", "layer"])
+# Not specialized (16-divisibility, == 1, 16-byte alignment): the batch-dependent qkv_rows, the
+# layer, seq_len (max_len: a constant 1 saves nothing) and the input rows seqs/order (the engine
+# passes row slices of a batch). One compile serves every batch size, slice and layer; ld_out
+# and HEAD_DIM_PAD keep giving the vector widths.
+@triton.jit(
+    do_not_specialize=["qkv_rows", "seq_len", "layer"],
+    do_not_specialize_on_alignment=["seqs_ptr", "order_ptr"],
+)
 def _grouped_attention_kernel(
     qkv_ptr,  # [3, HEADS, qkv_rows, HEAD_DIM_PAD]
     out_ptr,  # [B * L, ld_out]
@@ -71,8 +76,6 @@ def _grouped_attention_kernel(
         query_live = queries < seq_len
         token0 = user_row * seq_len
         head_rows = head.to(tl.int64) * qkv_rows + token0  # row of (q, head, position 0)
-        # tl.cast, not .to: the launcher turns an int argument equal to 1 (B * L == 1) into a
-        # constexpr, which has no .to method.
         plane = HEADS * tl.cast(qkv_rows, tl.int64)  # rows between the q, k and v planes
         q = tl.load(
             qkv_ptr + (head_rows + queries)[:, None] * HEAD_DIM_PAD + dims[None, :],

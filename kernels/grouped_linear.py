@@ -63,12 +63,14 @@ def _config_size(config_table_ptr, config, SOURCE: tl.constexpr, full):
     return size
 
 
-# Batch-dependent ints are not specialized (16-divisibility, == 1), nor is the alignment of
-# ``ranges_ptr`` (a row of the per-layer table, 12-byte rows): one compile serves every batch
-# size and layer. The leading dimensions stay specialized: they give the vector widths.
+# Not specialized (16-divisibility, == 1, 16-byte alignment): the batch-dependent ints, seq_len
+# (max_len: a constant 1 saves nothing), the input rows seqs/order (the engine passes row slices
+# of a batch) and ``ranges_ptr`` (a row of the per-layer table, 12-byte rows). One compile
+# serves every batch size, slice and layer. The leading dimensions and full_n (N + 1, fixed
+# per weight: divisible by 16, it vectorizes the scores store) stay specialized.
 @triton.jit(
-    do_not_specialize=["seq_len", "full_n", "token_capacity", "qkv_rows"],
-    do_not_specialize_on_alignment=["ranges_ptr"],
+    do_not_specialize=["seq_len", "token_capacity", "qkv_rows"],
+    do_not_specialize_on_alignment=["seqs_ptr", "order_ptr", "ranges_ptr"],
 )
 def _grouped_linear_kernel(
     a_ptr,  # [rows, lda] activations (unused when GATHER)

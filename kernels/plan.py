@@ -68,9 +68,13 @@ def _user_groups(config_ids_ptr, config_rank_ptr, start, num_users, groups,
     return users, in_batch, (group[:, None] == groups[None, :]).to(tl.int64)
 
 
-# The batch-dependent ints (and num_configs, 1 in a one-config space) are not specialized
-# (16-divisibility, == 1): one compile serves every batch size.
-@triton.jit(do_not_specialize=["num_users", "num_configs", "seq_len", "token_capacity"])
+# Not specialized (16-divisibility, == 1, 16-byte alignment): the batch-dependent ints, seq_len
+# and num_configs (constants save nothing here) and config_ids (the engine passes row slices of
+# a batch's ids). One compile serves every batch size and slice.
+@triton.jit(
+    do_not_specialize=["num_users", "num_configs", "seq_len", "token_capacity"],
+    do_not_specialize_on_alignment=["config_ids_ptr"],
+)
 def _plan_kernel(
     config_ids_ptr,  # [B] int64 (sort mode)
     config_rank_ptr,  # [C] int32: group index of each config id (sort mode)

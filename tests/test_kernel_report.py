@@ -15,13 +15,21 @@ import pytest
 import torch
 from test_triton_backend import load_bench  # tests/ is on sys.path (rootdir conftest)
 
-from canet import RoutingSpace
+from canet import CANet, RoutingSpace
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") == "1",
-    reason="records and compiles real kernels; the interpreter replaces triton.jit",
-)
+from canet.backends import triton_backend  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") == "1",
+        reason="records and compiles real kernels; the interpreter replaces triton.jit",
+    ),
+    pytest.mark.skipif(
+        (triton_backend._triton_version() or (0,)) < (3, 6),
+        reason="benches/kernel_report.py needs triton >= 3.6",
+    ),
+]
 
 
 @pytest.fixture
@@ -47,6 +55,26 @@ def test_one_compile_per_kernel_role_whatever_the_batch_size_or_layer(report):
         )
     # plan, input projection, and per block qkv, attention, out-proj+LN, FFN1, FFN2+LN, scores
     assert len(specs) == 8, [report._variant(s) for s in specs]
+
+
+def test_row_slices_of_a_batch_add_no_compile(report):
+    """The engine scores big batches in row slices (Engine._recommend_dense): a slice that starts
+    at an odd row is not 16-byte aligned, and must not compile the kernels again."""
+    space = RoutingSpace()
+    model = CANet(37, 13, space=space).to(torch.float16).eval()
+    with report.recording_launches() as launches:
+        backend = triton_backend.Backend(model.arch, model.state_dict(), torch.device("cpu"))
+        seqs = torch.ones(2 * 419, 13, dtype=torch.int64)
+        ids = torch.arange(2 * 419) % len(space)
+        for rows in (slice(0, 419), slice(419, None)):
+            assert seqs[rows].data_ptr() % 16 == (0 if rows.start == 0 else 8)
+            backend.scores_from_ids(seqs[rows], ids[rows])
+            for launch in launches:
+                launch.case = launch.case or f"rows {rows.start}"
+    specs = report.specializations(launches)
+    assert all(len(spec.cases) == 2 for spec in specs), [
+        (report._variant(spec), spec.cases) for spec in specs
+    ]
 
 
 def test_recording_needs_the_compiled_kernels(report, monkeypatch):
@@ -75,7 +103,7 @@ def test_every_kernel_compiles_for_sm90_within_its_shared_memory(report, tmp_pat
         "fp32", "fp16", "bf16"
     }
     text = (tmp_path / "r.md").read_text()
-    assert "22 specializations from 3 forwards" in text and "not compiled" in text
+    assert "22 specializations from 3 forwards" in text and "Skipped (--no-cuda)" in text
 
 
 def test_ptxas_output_is_parsed_per_function(report):

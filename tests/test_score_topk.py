@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -510,21 +511,20 @@ def test_compute_sanitizer_memcheck(tmp_path) -> None:
     # benches/gpu_check.sh sets the timeout below its own step limit, so that a slow run still
     # reports what the sanitizer printed.
     timeout = float(os.environ.get("CANET_SANITIZER_TIMEOUT_S", "600"))
-    try:
-        proc = subprocess.run(
-            [sanitizer, "--tool", "memcheck", "--error-exitcode", "3", sys.executable,
-             str(script)],
-            cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as exc:
-        output = "".join(
-            part.decode(errors="replace") if isinstance(part, bytes) else part
-            for part in (exc.stdout or "", exc.stderr or "")
-        )
-        pytest.fail(f"compute-sanitizer ran past {timeout:g} s; its output:\n{output[-4000:]}")
-    assert proc.returncode == 0 and "sanitized run ok" in proc.stdout, (
-        proc.stdout[-4000:] + proc.stderr[-4000:]
+    # A session of its own, so that a timeout kills the sanitized python too.
+    proc = subprocess.Popen(
+        [sanitizer, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, str(script)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"compute-sanitizer ran past {timeout:g} s; its output:\n"
+                    f"{stdout[-4000:]}{stderr[-4000:]}")
+    assert proc.returncode == 0 and "sanitized run ok" in stdout, stdout[-4000:] + stderr[-4000:]
 
 
 def test_op_benchmark_dry_run_works_on_cpu() -> None:

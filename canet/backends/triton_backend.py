@@ -11,7 +11,8 @@ One forward is ``3 + 5 * max_depth`` launches whatever the routing mix:
 No host sync anywhere in it, so :meth:`Backend.capture` can record it (with the router and the
 device counting sort in front) in one CUDA graph whose replays are right for any routing mix.
 The kernels compile on the first forward of a (dtype, max_len, catalogue size) and never again
-for another batch size (``benches/kernel_report.py`` lists the compiles; a test holds it).
+for another batch size or a row slice of a batch (``benches/kernel_report.py`` lists the
+compiles; tests/test_kernel_report.py holds it).
 Activations live in preallocated per-batch-size workspaces (max width, sorted-user order).
 
 Triton is imported only when a Backend is built: ``import canet`` never needs it. On a CPU
