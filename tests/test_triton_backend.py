@@ -214,7 +214,7 @@ def gpu_bench_with_fake_cells(monkeypatch):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         if how == "interrupt":
             raise bench.Interrupted("signal 15")
-        result["ms"] = {"dense": 4.0, "triton": 1.0}
+        result["ms"] = {"dense": 4.0, "triton": 1.0, "torch": 3.5, "torch_graph": 0.9}
         if how == "method":
             result["errors"] = {"masked": "OutOfMemoryError: CUDA out of memory"}
         result["triton_vs_torch_rel_err"] = 0.5 if how == "mismatch" else 1e-3
@@ -252,6 +252,38 @@ def test_gpu_bench_keeps_the_cells_before_an_interruption(gpu_bench_with_fake_ce
     data = json.loads((tmp_path / "cut.json").read_text())
     assert data["meta"]["status"].startswith("interrupted")
     assert [c["mix"] for c in data["results"] if "ms" in c] == ["paper", "uniform"]
+
+
+def test_gpu_bench_checks_the_issue_targets(gpu_bench_with_fake_cells, tmp_path):
+    """Fake timings (every cell: dense 4, torch 3.5, torch graph 0.9, triton 1 ms, no triton
+    graph): efficiency is the FLOPs fraction (below 0.85), dense / triton over the ideal
+    speedup is 4 x fraction, torch eager / triton 3.5 (passes 3), torch graph / triton 0.9
+    (fails 1), and the graph-vs-graph target is not measured."""
+    bench = gpu_bench_with_fake_cells
+    argv = ["--batch", "256", "4096", "--items", "3000", "--mixes", "paper", "largest",
+            "--out", str(tmp_path), "--name", "t"]
+    assert bench.main(argv) == 0  # a missed target is reported, not a failed run
+    data = json.loads((tmp_path / "t.json").read_text())
+    paper = next(r for r in data["results"] if (r["batch"], r["mix"]) == (4096, "paper"))
+    fraction = paper["flops_fraction"]
+    checks = {c["target"]: c for c in data["targets"]}
+    assert len(data["targets"]) == 5
+    assert checks["efficiency vs the all-largest batch"]["value"] == round(fraction, 3)
+    assert checks["efficiency vs the all-largest batch"]["passed"] is False
+    speedup = checks["speedup vs PyTorch dense / ideal speedup"]
+    assert speedup["value"] == round(4 * fraction, 3) and speedup["passed"] is (4 * fraction >= 0.8)
+    assert checks["speedup vs the torch backend eager"]["passed"] is True
+    assert checks["triton eager vs the torch backend in a CUDA graph"]["passed"] is False
+    assert checks["triton vs the torch backend, both in CUDA graphs"]["passed"] is None
+    text = (tmp_path / "t.md").read_text()
+    assert "## Targets" in text and "**no**" in text and "| yes |" in text
+    assert "not measured" in text
+    # B = 4096 not measured: its targets say so; fp16 runs are not judged.
+    assert bench.main(argv[:2] + argv[3:-1] + ["u"]) == 0
+    unmeasured = json.loads((tmp_path / "u.json").read_text())["targets"]
+    assert [c["passed"] for c in unmeasured] == [None, None, True, False, None]
+    assert bench.main(argv[:-1] + ["h", "--dtype", "fp16"]) == 0
+    assert json.loads((tmp_path / "h.json").read_text())["targets"] == []
 
 
 def test_gpu_bench_rejects_a_name_that_is_no_file_name(monkeypatch):
