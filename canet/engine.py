@@ -202,11 +202,13 @@ class Engine:
         with torch.inference_mode():
             config_ids, routed = self._config_ids(seqs, config_ids)
             if self._fused_top_k(k, seqs, exclude):
-                out = self._recommend_fused(seqs, config_ids, k, exclude_history, exclude)
+                ids, scores = self._recommend_fused(seqs, config_ids, k, exclude_history, exclude)
             else:
-                out = self._recommend_dense(seqs, config_ids, k, exclude_history, exclude)
+                ids, scores = self._recommend_dense(seqs, config_ids, k, exclude_history, exclude)
             self._remember(config_ids, routed)
-            return out
+            # A -inf (or, fused, NaN) score is no candidate: topk fills a short list with
+            # excluded columns, score_topk with -inf slots. Never return their ids.
+            return ids.masked_fill_(torch.isneginf(scores), -1), scores
 
     # -- internals -------------------------------------------------------------------------
     def _fused_top_k(self, k: int, seqs: Tensor, exclude: tuple[Tensor, Tensor] | None) -> bool:
@@ -239,9 +241,7 @@ class Engine:
         weight, bias = self._impl.output_layer()
         history = _exclusions(seqs, exclude_history, exclude)
         sizes = self._table[config_ids, 1]
-        ids, scores = ops.score_topk(hidden, sizes, weight, bias, history, k, check_values=False)
-        # As the dense path: a -inf (or NaN) score is no candidate.
-        return ids.masked_fill_(torch.isneginf(scores), -1), scores
+        return ops.score_topk(hidden, sizes, weight, bias, history, k, check_values=False)
 
     def _recommend_dense(
         self,
@@ -263,8 +263,7 @@ class Engine:
                 inside = (rows >= start) & (rows < start + part.shape[0])
                 scores[rows[inside] - start, items[inside]] = float("-inf")
             top = scores.topk(k, dim=-1)
-            # topk fills a short list with excluded (-inf) columns: never return those.
-            ids.append(top.indices.masked_fill(torch.isneginf(top.values), -1))
+            ids.append(top.indices)
             values.append(top.values)
         return torch.cat(ids), torch.cat(values)
 
