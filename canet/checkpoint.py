@@ -18,7 +18,6 @@ reads in place and :func:`cleanup_leftovers` (run by the next training start) re
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +33,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ._io import fsync_dir as _fsync_dir
+from ._io import fsync_file as _fsync_file
+from ._io import write_text_atomic
 from ._version import __version__
 from .config import TrainConfig, config_from_dict, dump_config, read_yaml
 from .data import Vocab
@@ -102,39 +104,6 @@ def _file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes the renames durable; not every platform/filesystem allows it.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_text_atomic(text: str, path: str | os.PathLike[str]) -> Path:
-    """Write a small text file (metrics, ranks) so that a crash leaves the old file or the new
-    one, never half of one: temporary sibling, fsync, rename, fsync of the directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return path
 
 
 def _write_text(path: Path, text: str) -> None:

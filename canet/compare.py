@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import write_text_atomic
+from ._io import write_text_atomic
 from .errors import CanetError
 from .metrics import paired_difference
 

@@ -23,7 +23,7 @@ import yaml
 
 from .errors import ConfigError
 from .losses import LossWeights
-from .space import RoutingSpace
+from .space import DEFAULT_DEPTHS, DEFAULT_EMB, DEFAULT_HEADS, DEFAULT_HIDDEN, RoutingSpace
 
 __all__ = [
     "TrainConfig",
@@ -63,10 +63,10 @@ class TrainConfig:
     min_item_inter: int = 0
     max_len: int = 50
     # -- model --------------------------------------------------------------------------------
-    depths: list[int] = field(default_factory=lambda: [2, 4, 6, 8])
-    hidden: list[int] = field(default_factory=lambda: [64, 96, 128])
-    emb: list[int] = field(default_factory=lambda: [64, 96, 128])
-    heads: int = 4
+    depths: list[int] = field(default_factory=lambda: list(DEFAULT_DEPTHS))
+    hidden: list[int] = field(default_factory=lambda: list(DEFAULT_HIDDEN))
+    emb: list[int] = field(default_factory=lambda: list(DEFAULT_EMB))
+    heads: int = DEFAULT_HEADS
     dropout: float = 0.2
     router_dim: int = 32
     router_heads: int = 4

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import _ext, backends, ops
 from .checks import check_config_ids, check_sequences
-from .flops import flops, flops_router
+from .flops import batch_flops, flops, flops_router
 from .model import CANet
 from .space import Config
 
@@ -97,7 +97,8 @@ class Engine:
         self.backend = backends.resolve(backend, self.device, self.dtype)
         self._impl = backends.create(self.backend, self.arch, state, self.device)
         self._table = self.space.table(self.device)
-        self._flops = [flops(c, self.max_len, self.num_items) for c in self.space.configs]
+        largest = self.space.configs[self.space.largest_id]
+        self._flops_largest = flops(largest, self.max_len, self.num_items)
         self.max_score_elements = max_score_elements
         # The summary of the last batch is built on first access: reading group sizes back from
         # the device would otherwise cost a host sync on every GPU forward.
@@ -309,11 +310,11 @@ class Engine:
             histogram=histogram,
             groups=groups,
             layer_active=plan.layer_active.tolist(),
-            flops=sum(n * f for n, f in zip(histogram, self._flops, strict=True)),
+            flops=batch_flops(histogram, self.space, self.max_len, self.num_items),
             flops_router=users * flops_router(self.max_len, len(self.space), router)
             if routed
             else 0,
-            flops_largest=users * self._flops[self.space.largest_id],
+            flops_largest=users * self._flops_largest,
             order=plan.order,
         )
 

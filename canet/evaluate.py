@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import write_text_atomic
+from ._io import write_text_atomic
 from .data import SequenceData, Vocab
 from .engine import Engine
 from .errors import CanetError
-from .flops import flops, flops_router
+from .flops import batch_flops, flops, flops_router
 from .metrics import MetricAccumulator, target_ranks
 from .metrics import exclude_history as exclude_input
 from .model import CANet
@@ -122,10 +122,9 @@ def evaluate(
     results = accumulator.compute()
     num_users = int(results.pop("num_users"))
     standard_errors = accumulator.standard_errors()
-    per_config = [flops(c, model.max_len, model.num_items) for c in space.configs]
     counts = histogram.tolist()
-    mean_flops = sum(n * f for n, f in zip(counts, per_config, strict=True)) / num_users
-    largest = per_config[space.largest_id]
+    mean_flops = batch_flops(counts, space, model.max_len, model.num_items) / num_users
+    largest = flops(space.configs[space.largest_id], model.max_len, model.num_items)
     router = (
         flops_router(model.max_len, space.n_configs, model.arch["router_dim"])
         if fixed_config_id is None and shuffle_routing_seed is None

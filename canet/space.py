@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Config", "RoutingSpace"]
+__all__ = [
+    "DEFAULT_DEPTHS", "DEFAULT_EMB", "DEFAULT_HEADS", "DEFAULT_HIDDEN", "Config", "RoutingSpace",
+]
 
 
 @dataclass(frozen=True, order=True)
@@ -41,6 +43,13 @@ def _sizes(name: str, values: Iterable[int]) -> tuple[int, ...]:
     return sizes
 
 
+# The paper's routing space: 4 depths x 3 hidden sizes x 3 embedding sizes = 36 configs.
+DEFAULT_DEPTHS: tuple[int, ...] = (2, 4, 6, 8)
+DEFAULT_HIDDEN: tuple[int, ...] = (64, 96, 128)
+DEFAULT_EMB: tuple[int, ...] = (64, 96, 128)
+DEFAULT_HEADS = 4
+
+
 class RoutingSpace:
     """Depth x hidden x emb choices; configs enumerated hidden-major, then depth, then emb.
 
@@ -51,10 +60,10 @@ class RoutingSpace:
 
     def __init__(
         self,
-        depths: Sequence[int] = (2, 4, 6, 8),
-        hidden: Sequence[int] = (64, 96, 128),
-        emb: Sequence[int] = (64, 96, 128),
-        heads: int = 4,
+        depths: Sequence[int] = DEFAULT_DEPTHS,
+        hidden: Sequence[int] = DEFAULT_HIDDEN,
+        emb: Sequence[int] = DEFAULT_EMB,
+        heads: int = DEFAULT_HEADS,
     ) -> None:
         self.depths = _sizes("depths", depths)
         self.hidden = _sizes("hidden", hidden)
