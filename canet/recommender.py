@@ -7,19 +7,15 @@
 Histories are raw item tokens, so users never seen in training work. Unknown tokens are
 reported (``last_unknown`` and a warning), never silently dropped; histories longer than
 ``max_len`` keep their most recent items. ``canet recommend RUN_DIR --input FILE -k 10 --output
-recs.csv`` is the command-line version.
+recs.csv`` (:mod:`canet.cli.recommend`) is the command-line version.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import os
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,10 +23,10 @@ import torch
 
 from .data import Vocab, read_interactions
 from .engine import Engine
-from .errors import CanetError, DataFormatError
+from .errors import DataFormatError
 from .model import CANet
 
-__all__ = ["Recommender", "read_histories", "add_arguments", "run"]
+__all__ = ["Recommender", "read_histories"]
 
 Histories = Sequence[Sequence[Any]] | Mapping[Any, Sequence[Any]]
 Ranked = list[tuple[str, float]]
@@ -40,7 +36,8 @@ class Recommender:
     """Top-k recommendations from a trained checkpoint through ``canet.Engine``.
 
     Args:
-        model: the trained CANet (its weights are shared with the engine, not copied).
+        model: the trained CANet (its weights are shared with the engine, not copied; its
+            train/eval mode is left as it is: the engine never runs dropout).
         vocab: external token <-> internal id mapping of the training data.
         backend: ``canet.Engine`` backend ("auto", "torch", "cpu", ...).
         fixed_config_id: route every user to this config (a fixed-config run); None = router.
@@ -59,7 +56,7 @@ class Recommender:
             raise ValueError(
                 f"vocab has {vocab.num_items} items but the model {model.num_items}"
             )
-        self.model = model.eval()
+        self.model = model  # its mode is the caller's: the engine runs its own eval copy
         self.vocab = vocab
         self.engine = Engine(model, backend=backend)
         self.fixed_config_id = fixed_config_id
@@ -76,7 +73,7 @@ class Recommender:
         from .checkpoint import load_checkpoint
 
         loaded = load_checkpoint(path)
-        model = loaded.model.to(device)
+        model = loaded.model.to(device).eval()
         fixed = loaded.config.fixed_config_id(model.space)
         return cls(model, loaded.vocab, backend=backend, fixed_config_id=fixed)
 
@@ -238,54 +235,3 @@ def read_histories(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     for index in order:
         histories.setdefault(str(log.users[index]), []).append(str(log.items[index]))
     return histories
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="run directory (uses best/) or a checkpoint directory")
-    parser.add_argument("--input", required=True,
-                        help="histories: an interaction log, or JSON (list, or dict user -> list)")
-    parser.add_argument("-k", type=int, default=10, help="items per user (default 10)")
-    parser.add_argument("--output", required=True, help="CSV: user_id,item_id,score,rank")
-    parser.add_argument("--backend", default="auto", help="canet.Engine backend (default auto)")
-    parser.add_argument("--include-history", action="store_true",
-                        help="allow recommending items already in the history")
-
-
-def run(args: argparse.Namespace, extra: list[str]) -> int:
-    if extra:
-        raise CanetError(f"recommend: unknown arguments {extra}")
-    histories = read_histories(args.input)
-    recommender = Recommender.from_pretrained(args.run_dir, backend=args.backend)
-    if not 1 <= args.k <= recommender.vocab.num_items:
-        raise CanetError(f"-k must be in [1, {recommender.vocab.num_items}], got {args.k}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # reported per user below instead
-        results = recommender.recommend(
-            histories, k=args.k, exclude_history=not args.include_history, on_empty="skip"
-        )
-    for user, unknown in recommender.last_unknown.items():
-        shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-        print(f"canet: warning: {args.input}: user {user}: {len(unknown)} unknown item(s) "
-              f"ignored: {shown}", file=sys.stderr)
-    skipped = [user for user, items in results.items() if not items]
-    for user in skipped:
-        print(f"canet: warning: {args.input}: user {user}: no known item in the history, "
-              "no recommendations", file=sys.stderr)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["user_id", "item_id", "score", "rank"])
-        for user, items in results.items():
-            for rank, (item, score) in enumerate(items, start=1):
-                writer.writerow([user, item, f"{score:.6g}", rank])
-    os.replace(tmp, output)
-    print(f"{len(results) - len(skipped)} users x top-{args.k} -> {output} "
-          f"(backend {recommender.backend})")
-    return 0

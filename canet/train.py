@@ -1,11 +1,13 @@
 """Training: CANet (router + supernet, the paper's objective) or one fixed sub-network.
 
-``canet train --data LOG --out RUN_DIR [--config cfg.yaml] [--key value ...]`` writes::
+:func:`train` writes into its run directory::
 
     RUN_DIR/config.yaml     the resolved config
     RUN_DIR/best/           checkpoint with the best validation NDCG@10
-    RUN_DIR/last/           checkpoint after the last finished epoch (for --resume)
-    RUN_DIR/metrics.json    test metrics of best/ (written at the end)
+    RUN_DIR/last/           checkpoint after the last finished epoch (for resume)
+
+(``canet train``, in :mod:`canet.cli.train`, adds ``RUN_DIR/metrics.json``: the test metrics
+of best/.)
 
 A CANet step (per batch of training windows ``seqs, targets [B, L]``)::
 
@@ -21,8 +23,6 @@ With ``fixed_config`` the step is plain CE through ``logits_sliced(seqs, config)
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import random
@@ -42,12 +42,8 @@ from . import checkpoint as ckpt
 from .config import (
     ARCHITECTURE_KEYS,
     TrainConfig,
-    config_from_dict,
     dump_config,
-    load_config,
-    read_yaml,
 )
-from .config import parse_overrides as parse_config_overrides
 from .data import SequenceData, build_dataset, read_interactions
 from .errors import CanetError, CheckpointError
 from .evaluate import evaluate, format_histogram
@@ -61,8 +57,6 @@ __all__ = [
     "load_data",
     "step_loss",
     "train",
-    "add_arguments",
-    "run",
 ]
 
 Log = Callable[[str], None]
@@ -460,69 +454,3 @@ def _epoch_line(
         line += f"  | valid ndcg@10 {validation['metrics']['ndcg@10']:.4f}{best}"
         line += f"  flops {100 * validation['flops']['fraction_of_largest']:.1f}% of largest"
     return line
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="interaction log (any supported format)")
-    parser.add_argument("--out", help="run directory (checkpoints, config, metrics)")
-    parser.add_argument("--config", help="YAML config file (keys: see docs/training.md)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR/last")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start a new run in a directory that already holds one")
-    parser.add_argument("--no-test", action="store_true",
-                        help="skip the final test evaluation of best/")
-    parser.epilog = (
-        "Any config key can be given as --key value or --key=value, e.g. --epochs 3 "
-        "--fixed-config largest --lr=1e-3 (see docs/training.md)."
-    )
-
-
-def run(args: argparse.Namespace, extra: list[str]) -> int:
-    """``canet train``: returns the exit status."""
-    from .evaluate import write_metrics
-
-    overrides = parse_config_overrides(extra)
-    if args.resume:
-        run_dir = Path(args.resume)
-        if args.out and Path(args.out) != run_dir:
-            raise CanetError(f"--out {args.out} differs from --resume {args.resume}")
-        last = run_dir / "last"
-        ckpt.cleanup_leftovers(run_dir)
-        saved = ckpt.load_checkpoint(last).config if last.exists() else None
-        if saved is None:
-            raise CheckpointError(f"{last}: no checkpoint to resume from")
-        config = saved
-        if args.config:
-            config = config_from_dict(read_yaml(args.config), config, source=args.config)
-        if overrides:
-            config = config_from_dict(overrides, config, source="command line")
-    else:
-        if not args.out:
-            raise CanetError("train needs --out RUN_DIR (or --resume RUN_DIR)")
-        run_dir = Path(args.out)
-        config = load_config(args.config, overrides)
-    data = load_data(config, args.data)
-    result = train(config, data, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
-    print(
-        f"done: {result.epochs_done} epochs, best valid ndcg@10 "
-        f"{result.best_score if result.best_score is None else round(result.best_score, 4)} "
-        f"at epoch {result.best_epoch}, skipped steps {result.skipped_steps}"
-    )
-    if not args.no_test and result.best_epoch is not None:
-        loaded = ckpt.load_checkpoint(run_dir / "best")
-        metrics = evaluate(
-            loaded.model, data, "test", ks=config.ks, exclude_history=config.exclude_history,
-            batch_size=config.eval_batch_size,
-            fixed_config_id=config.fixed_config_id(loaded.model.space),
-        )
-        metrics["checkpoint"] = str(run_dir / "best")
-        write_metrics(metrics, run_dir / "metrics.json")
-        shown = {k: round(v, 4) for k, v in metrics["metrics"].items() if k.endswith("@10")}
-        print(f"test (best/): {json.dumps(shown)} -> {run_dir / 'metrics.json'}")
-    return 0
-

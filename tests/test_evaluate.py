@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from canet.cli.output import write_metrics
 from canet.config import config_from_dict
 from canet.data import build_dataset, synthetic_log
 from canet.errors import CanetError
-from canet.evaluate import evaluate, format_histogram, write_metrics
+from canet.evaluate import evaluate, format_histogram
 from canet.flops import flops
 from canet.train import build_model
 

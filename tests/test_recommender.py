@@ -92,3 +92,16 @@ def test_read_histories_json_and_log(tmp_path) -> None:
 
 def test_recommender_class_is_exported() -> None:
     assert canet.Recommender is Recommender
+
+
+def test_recommender_leaves_the_callers_model_mode_alone(rec) -> None:
+    model = rec.model
+    model.train()
+    try:
+        fresh = Recommender(model, rec.vocab, backend="torch")
+        assert model.training, "Recommender switched the caller's model to eval mode"
+        # The engine never runs dropout, whatever the model's mode.
+        history = [["i3", "i4", "i7"]]
+        assert fresh.recommend(history, k=4) == rec.recommend(history, k=4)
+    finally:
+        model.eval()

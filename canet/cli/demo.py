@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig, config_from_dict
-from .data import build_dataset, read_interactions, synthetic_log
-from .engine import Engine
-from .errors import CanetError
-from .evaluate import evaluate, format_histogram, write_metrics
-from .train import train
+from ..checkpoint import load_checkpoint
+from ..config import TrainConfig, config_from_dict
+from ..data import build_dataset, read_interactions, synthetic_log
+from ..engine import Engine
+from ..errors import CanetError
+from ..evaluate import evaluate, format_histogram
+from ..train import train
+from .output import write_metrics
 
 __all__ = ["DEMO_SETTINGS", "QUICK_SETTINGS", "run_demo", "add_arguments", "run"]
 
@@ -131,8 +133,6 @@ def _run_demo(
         tic = time.perf_counter()
         train(run_config, data, out / name, overwrite=True, log=log)
         train_seconds[name] = time.perf_counter() - tic
-        from .checkpoint import load_checkpoint
-
         loaded = load_checkpoint(out / name)
         results[name] = evaluate(
             loaded.model, data, "test", ks=run_config.ks, batch_size=run_config.eval_batch_size,

@@ -1,4 +1,7 @@
-"""The ``canet`` command: a table of subcommands, each one's logic in its own module.
+"""The ``canet`` command: a table of subcommands, one module of this package per command.
+
+Every argparse parser of canet lives in this package (and in the benchmark's own entry point,
+``canet.bench``): library modules take plain arguments and never parse a command line.
 
     canet train --data LOG --out RUN_DIR [--config cfg.yaml] [--key value ...]
     canet evaluate RUN_DIR --data LOG [--split test|valid] [--backend model|auto|torch|cpu]
@@ -18,23 +21,24 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from ._version import __version__
+from .._version import __version__
 
 __all__ = ["COMMANDS", "main", "build_parser"]
 
 # name -> (module with add_arguments(parser) and run(args, extra) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("canet.train", "train CANet (or one fixed sub-network) on an interaction log"),
-    "evaluate": ("canet.evaluate", "full-ranking metrics, routing and FLOPs of a trained run"),
-    "compare": ("canet.compare",
+    "train": ("canet.cli.train", "train CANet (or one fixed sub-network) on an interaction log"),
+    "evaluate": ("canet.cli.evaluate",
+                 "full-ranking metrics, routing and FLOPs of a trained run"),
+    "compare": ("canet.cli.compare",
                 "paired comparison of two models' per-user ranks (bootstrap interval)"),
-    "recommend": ("canet.recommender",
+    "recommend": ("canet.cli.recommend",
                   "top-k items for histories given as a log or JSON"),
-    "demo": ("canet.demo", "train CANet and the full-size baseline, evaluate, compare"),
+    "demo": ("canet.cli.demo", "train CANet and the full-size baseline, evaluate, compare"),
 }
 # Subcommands that own their whole argument list (parsed by their module's main(argv)).
 PASSTHROUGH: dict[str, tuple[str, str]] = {
-    "bench": ("canet.bench", "benchmarks of the engine backends (canet.bench)"),
+    "bench": ("canet.cli.bench", "benchmarks of the engine backends (canet.bench)"),
 }
 EXIT_USAGE = 2
 
@@ -62,22 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_passthrough(name: str, argv: list[str]) -> int:
-    module_name = PASSTHROUGH[name][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
-        print(f"canet: error: '{name}' is not available in this install ({module_name} is "
-              "missing)", file=sys.stderr)
-        return EXIT_USAGE
-    status = module.main(argv)
-    return int(status or 0)
+    module = importlib.import_module(PASSTHROUGH[name][0])
+    return int(module.main(argv) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: sys.argv[1:]) and return the exit status."""
-    from .errors import CanetError
+    from ..errors import CanetError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:

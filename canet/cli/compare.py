@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import write_text_atomic
-from .errors import CanetError
-from .metrics import paired_difference
+from .._io import write_text_atomic
+from ..errors import CanetError
+from ..metrics import paired_difference
 
 __all__ = ["read_ranks", "add_arguments", "run"]
 

@@ -1,0 +1,85 @@
+"""``canet evaluate RUN_DIR --data LOG [--split test|valid] [--backend model|auto|...]``.
+
+Full-ranking metrics with standard errors, routing histogram and FLOPs of a trained run
+(:func:`canet.evaluate.evaluate`), written to RUN_DIR/metrics.json (or ``--output``); with
+``--ranks-out`` also each user's target rank, for ``canet compare``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..checkpoint import load_checkpoint
+from ..errors import CanetError
+from ..evaluate import evaluate, format_histogram
+from ..train import load_data
+from .output import write_metrics, write_ranks
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory (uses best/) or a checkpoint directory")
+    parser.add_argument("--data", required=True, help="the interaction log it was trained on")
+    parser.add_argument("--split", choices=("test", "valid"), default="test")
+    parser.add_argument(
+        "--backend", default="model",
+        help="'model' (PyTorch model.score) or a canet.Engine backend: auto, torch, cpu, ...",
+    )
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--include-history", action="store_true",
+                        help="do not exclude the input items from the ranking")
+    parser.add_argument(
+        "--shuffle-routing", type=int, metavar="SEED",
+        help="random-routing baseline: deal the router's choices to the users in a seeded "
+        "random order (same histogram, same FLOPs)",
+    )
+    parser.add_argument("--output", help="metrics file (default: RUN_DIR/metrics.json)")
+    parser.add_argument(
+        "--ranks-out", metavar="CSV",
+        help="also write each user's target rank (user_id,item_id,rank; external ids, rank 1 = "
+        "top) for paired comparisons between models: canet compare A.csv B.csv",
+    )
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise CanetError(f"evaluate: unknown arguments {extra}")
+    if args.batch_size < 1:
+        raise CanetError(f"--batch-size must be >= 1, got {args.batch_size}")
+    loaded = load_checkpoint(args.run_dir)
+    config = loaded.config
+    data = load_data(config, args.data)
+    if data.vocab != loaded.vocab:
+        raise CanetError(
+            f"{args.data}: its users/items differ from the checkpoint's vocab.json "
+            f"({data.num_items} vs {loaded.vocab.num_items} items); evaluate on the training data"
+        )
+    metrics = evaluate(
+        loaded.model, data, args.split, ks=config.ks,
+        exclude_history=config.exclude_history and not args.include_history,
+        batch_size=args.batch_size, backend=args.backend,
+        fixed_config_id=config.fixed_config_id(loaded.model.space),
+        shuffle_routing_seed=args.shuffle_routing, per_user=args.ranks_out is not None,
+    )
+    metrics["checkpoint"] = str(loaded.path)
+    per_user = metrics.pop("per_user", None)
+    run_dir = Path(args.run_dir)
+    name = "metrics" + ("" if args.split == "test" else f"_{args.split}")
+    if args.shuffle_routing is not None:
+        name += f"_shuffled-routing-{args.shuffle_routing}"
+    name += ".json"
+    default = (run_dir if (run_dir / "best").exists() or (run_dir / "last").exists()
+               else loaded.path) / name
+    output = write_metrics(metrics, args.output or default)
+    for name, value in metrics["metrics"].items():
+        print(f"{name:>10} {value:.4f}  (s.e. {metrics['standard_errors'][name]:.4f})")
+    print(f"users {metrics['num_users']}, items {metrics['num_items']}, backend "
+          f"{metrics['backend']}, FLOPs {100 * metrics['flops']['fraction_of_largest']:.1f}% "
+          f"of largest")
+    print(f"routing: {format_histogram(metrics['routing']['histogram'])}")
+    print(f"-> {output}")
+    if per_user is not None:
+        print(f"-> {write_ranks(per_user, loaded.vocab, args.ranks_out)}")
+    return 0
