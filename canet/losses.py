@@ -117,7 +117,14 @@ def smallest_hits(
     model, seqs: Tensor, last_targets: Tensor, k: int = 10, exclude_history: bool = True
 ) -> Tensor:
     """Whether the smallest sub-network ranks ``last_targets [B]`` in its top k, history excluded
-    (as the paper's code). seqs ``[B, L]`` -> bool ``[B]``. No gradients."""
+    (as the paper's code). seqs ``[B, L]`` -> bool ``[B]``. No gradients.
+
+    The scores are computed in the model's current mode, so during training the guide's label
+    sees dropout, as in the paper's code (its ``CE.compute`` runs ``model(seqs, 'smallest')``
+    under ``no_grad`` while the model is in train mode). Kept on purpose: the label then asks
+    whether the smallest sub-network's hit survives the same noise the CE term trains under,
+    and switching to eval mode here would change every seed's training trajectory (the dropout
+    draws move the global RNG). Call it on an ``eval()`` model for a deterministic label."""
     with torch.no_grad():
         smallest = model.space.configs[model.space.smallest_id]
         scores = model.supernet.logits(model.supernet.hidden_last(seqs, smallest))

@@ -12,6 +12,7 @@ from canet.checkpoint import load_checkpoint, load_training_state
 from canet.config import config_from_dict
 from canet.data import build_dataset, synthetic_log
 from canet.errors import CheckpointError
+from canet.losses import smallest_hits
 from canet.train import TrainingDivergedError, build_model, step_loss, train
 
 TINY = {"max_len": 8, "depths": [1, 2], "hidden": [8, 16], "emb": [8, 16], "heads": 2,
@@ -175,3 +176,24 @@ def test_a_failed_overwrite_run_neither_mixes_runs_nor_loses_the_old_one(
     assert (tmp_path / "replaced" / "best" / "model.safetensors").read_bytes() == old_best
     load_checkpoint(tmp_path / "replaced")
     assert any("replaced" in m for m in messages)
+
+
+def test_guide_label_sees_dropout_in_training_as_the_papers_code(data) -> None:
+    """smallest_hits runs in the model's mode: with dropout in train mode (the paper's code
+    computes its guide label that way), deterministic in eval mode; it never changes the mode."""
+    model = build_model(config_from_dict({"dropout": 0.5, "max_len": data.max_len}), data.num_items)
+    seqs, targets = next(data.train_batches(64, torch.Generator().manual_seed(0)))
+    k = data.num_items // 2  # many users near the cut, so dropout flips some labels
+
+    def labels(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return smallest_hits(model, seqs, targets[:, -1], k=k)
+
+    model.train()
+    in_training = [labels(seed) for seed in range(5)]
+    assert model.training
+    assert any(not torch.equal(in_training[0], other) for other in in_training[1:])
+    model.eval()
+    in_eval = [labels(seed) for seed in range(3)]
+    assert not model.training
+    assert all(torch.equal(in_eval[0], other) for other in in_eval[1:])
