@@ -173,7 +173,8 @@ class SequenceData:
         for first in range(0, len(users_all), batch_size):
             users = users_all[first : first + batch_size]
             starts = self.starts[users]
-            input_ends = starts + self._history_ends[split][users]  # = the target positions
+            # The input ends where the target is: flat positions of the targets.
+            input_ends = starts + self._history_ends[split][users]
             seqs = self._windows(input_ends, starts)
             targets = self.items[input_ends]
             yield torch.from_numpy(users.copy()), torch.from_numpy(seqs), torch.from_numpy(targets)
