@@ -1,4 +1,5 @@
-"""Tests for canet.data: readers, format detection, errors, fuzzing, splits, windows, vocab."""
+"""Tests for canet.data: readers, format detection, errors, fuzzing, the split rule, windows,
+vocab, synthetic logs, load_dataset."""
 
 from __future__ import annotations
 
@@ -15,16 +16,21 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import canet.data
 from canet.data import (
     FORMATS,
+    MIN_EVAL_INTERACTIONS,
     InteractionLog,
     SequenceData,
     Vocab,
     build_dataset,
     detect_format,
+    load_dataset,
     read_interactions,
+    split_ends,
     synthetic_log,
 )
+from canet.data.split import NO_TARGET
 from canet.errors import CanetError, ConfigError, DataFormatError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -438,6 +444,106 @@ def test_no_user_with_three_interactions_raises() -> None:
 def test_build_dataset_validates_arguments(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         build_dataset(make_log(SPLIT_ROWS), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The leave-one-out rule (canet.data.split) and its users
+# --------------------------------------------------------------------------------------------
+
+
+def test_split_ends_rule() -> None:
+    assert MIN_EVAL_INTERACTIONS == 3
+    ends = split_ends(np.array([0, 1, 2, 3, 4, 10]))
+    # Fewer than 3 items: all training, no targets; else test = n-1, valid = n-2, train = n-2.
+    assert ends.train.tolist() == [0, 1, 2, 1, 2, 8]
+    assert ends.valid.tolist() == [NO_TARGET] * 3 + [1, 2, 8]
+    assert ends.test.tolist() == [NO_TARGET] * 3 + [2, 3, 9]
+    assert ends.has_eval.tolist() == [False, False, False, True, True, True]
+    assert ends.history_end("train").tolist() == [0, 1, 2, 1, 2, 8]
+    assert ends.history_end("valid").tolist() == [0, 1, 2, 1, 2, 8]
+    assert ends.history_end("test").tolist() == [0, 1, 2, 2, 3, 9]
+    assert all(array.dtype == np.int64 for array in ends)
+    assert split_ends(np.zeros(0, dtype=np.int64)).train.tolist() == []
+
+
+@pytest.mark.parametrize(
+    ("lengths", "fragment"),
+    [
+        (np.array([[3, 4]]), "1-D integer array"),
+        (np.array([3.0, 4.0]), "1-D integer array"),
+        (np.array([3, -1]), "lengths must be >= 0, got minimum -1"),
+    ],
+)
+def test_split_ends_rejects_bad_lengths(lengths: np.ndarray, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        split_ends(lengths)
+    with pytest.raises(ValueError, match="split must be 'train', 'valid' or 'test'"):
+        split_ends(np.array([3])).history_end("all")
+
+
+def test_sequence_data_targets_follow_split_ends() -> None:
+    # Users of 1..10 interactions (user "u{n}" has n items), each item token unique per user.
+    rows = [(f"u{n:02d}", f"u{n:02d}i{t}", float(t)) for n in range(1, 11) for t in range(n)]
+    data = build_dataset(make_log(rows), max_len=4)
+    ends = split_ends(data.lengths)
+    assert data.lengths.tolist() == list(range(1, 11))
+    assert data.train_lengths.tolist() == ends.train.tolist()
+    for split in ("valid", "test"):
+        target_at = ends.valid if split == "valid" else ends.test
+        expected_users = np.flatnonzero(target_at != NO_TARGET).tolist()
+        assert data.eval_users(split).tolist() == expected_users
+        _, _, targets = zip(*data.eval_batches(split, 3), strict=True)
+        expected = [data.user_sequence(u)[target_at[u]] for u in expected_users]
+        assert torch.cat(targets).tolist() == expected
+        for user in range(data.num_users):
+            history = data.history(split, user).tolist()
+            assert history == data.user_sequence(user)[: ends.history_end(split)[user]].tolist()
+    # Training targets are exactly the prefix items after the first: seq[1:train].
+    covered = collect_pairs(data, batch_size=5)
+    expected_pairs = Counter(
+        (int(seq[t - 1]), int(seq[t]))
+        for user in range(data.num_users)
+        for seq in [data.user_sequence(user)]
+        for t in range(1, int(ends.train[user]))
+    )
+    assert covered == expected_pairs
+
+
+def test_load_dataset_is_read_then_build(tmp_path: Path) -> None:
+    path = write(tmp_path, "log.csv", "uid,iid,ts\n" + "".join(
+        f"{user},{item},{t}\n" for t, (user, item, _) in enumerate(SPLIT_ROWS)
+    ))
+    column_map = {"user": "uid", "item": "iid", "timestamp": "ts"}
+    data = load_dataset(path, max_len=3, format="csv", column_map=column_map, min_user_inter=2)
+    log = read_interactions(path, format="csv", column_map=column_map)
+    built = build_dataset(log, 3, min_user_inter=2)
+    assert data.vocab == built.vocab and data.max_len == 3
+    assert data.items.tolist() == built.items.tolist()
+    assert data.offsets.tolist() == built.offsets.tolist()
+    assert data.stats == built.stats and data.path == str(path)
+    assert load_dataset(FIXTURES / "tiny.udata", max_len=2).vocab.user_tokens == ["1", "2"]
+    with pytest.raises(TypeError):
+        load_dataset(path, 3)  # type: ignore[misc]  # the options are keyword-only
+    with pytest.raises(ConfigError, match="max_len must be an int >= 1"):
+        load_dataset(path, max_len=0, column_map=column_map)
+    with pytest.raises(DataFormatError, match="file not found"):
+        load_dataset(tmp_path / "missing.inter", max_len=3)
+
+
+def test_old_import_paths_still_work() -> None:
+    from canet.data import dataset, readers, synthetic, vocab
+
+    assert canet.data.read_interactions is readers.read_interactions
+    assert canet.data.InteractionLog is readers.InteractionLog
+    assert canet.data.FORMATS is readers.FORMATS
+    assert canet.data.Vocab is vocab.Vocab
+    assert canet.data.SequenceData is dataset.SequenceData
+    assert canet.data.build_dataset is dataset.build_dataset
+    assert canet.data.SYNTHETIC_KINDS is synthetic.SYNTHETIC_KINDS
+    assert set(canet.data.__all__) >= {
+        "FORMATS", "InteractionLog", "SequenceData", "Vocab", "build_dataset", "detect_format",
+        "read_interactions", "synthetic_log",
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,296 @@
+"""Datasets: a log filtered, remapped and split (:func:`build_dataset`, :func:`load_dataset`)
+into :class:`SequenceData`, which batches training windows and evaluation inputs.
+
+Sequences are left-padded: the most recent item is at position ``L-1``; ``0`` is padding.
+The split is the leave-one-out rule of :mod:`canet.data.split`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import torch
+
+from canet.errors import DataFormatError
+
+from ._checks import check_count
+from .readers import InteractionLog, read_interactions
+from .split import MIN_EVAL_INTERACTIONS, SPLITS, split_ends
+from .vocab import Vocab
+
+__all__ = ["SequenceData", "build_dataset", "load_dataset"]
+
+
+class SequenceData:
+    """Per-user item sequences with a leave-one-out split and SASRec-style training windows.
+
+    Storage: one flat int64 array ``items`` (ids 1..N, users contiguous, each user's items in
+    time order) and ``offsets`` [U + 1]; user ``u`` owns ``items[offsets[u]:offsets[u + 1]]``.
+    Training samples are ``(user, end)`` index pairs; windows are gathered when batching.
+
+    Split: :func:`canet.data.split.split_ends` of the per-user lengths (test target
+    ``seq[n-1]``, validation target ``seq[n-2]``, training prefix ``seq[:n-2]``; users with
+    fewer than ``MIN_EVAL_INTERACTIONS`` items only train), kept as ``split_ends``.
+
+    Training windows over a prefix of length P >= 2: the first window ends at the prefix end
+    (targets = the last ``min(L, P-1)`` prefix items, inputs = the item before each target);
+    each further window ends ``L`` items earlier, until no target with an input is left. So each
+    prefix item except the first is a target exactly once.
+    """
+
+    def __init__(
+        self,
+        items: np.ndarray,
+        offsets: np.ndarray,
+        vocab: Vocab,
+        max_len: int,
+        path: str = "<memory>",
+        stats: Mapping[str, int] | None = None,
+    ) -> None:
+        self.items = np.ascontiguousarray(items, dtype=np.int64)
+        self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        self.vocab = vocab
+        self.max_len = int(max_len)
+        self.path = path
+        self.num_users = vocab.num_users
+        self.num_items = vocab.num_items
+        if len(self.offsets) != self.num_users + 1 or self.offsets[-1] != len(self.items):
+            raise ValueError("offsets do not match the vocabulary / item array")
+        self.starts = self.offsets[:-1]
+        self.lengths = np.diff(self.offsets)
+        self.split_ends = split_ends(self.lengths)
+        self._eval_users = np.flatnonzero(self.split_ends.has_eval).astype(np.int64)
+        self.train_lengths = self.split_ends.train
+        # Where each user's input history ends, per split, relative to the user's start.
+        self._history_ends = {
+            name: self.split_ends.history_end(name) for name in ("train", *SPLITS)
+        }
+        self.sample_users, self.sample_ends = self._training_samples()
+        self.stats: dict[str, int] = {
+            "num_interactions": len(self.items),
+            "num_users": int(self.num_users),
+            "num_items": int(self.num_items),
+            "num_eval_users": len(self._eval_users),
+            "num_train_only_users": int(self.num_users - len(self._eval_users)),
+            "num_train_samples": len(self.sample_users),
+        }
+        if stats:
+            self.stats.update({key: int(value) for key, value in stats.items()})
+
+    def _training_samples(self) -> tuple[np.ndarray, np.ndarray]:
+        prefix = self.train_lengths
+        # Windows needed to cover the P - 1 targets of a prefix, L targets per window.
+        windows = np.where(prefix >= 2, (prefix - 1 + self.max_len - 1) // self.max_len, 0)
+        users = np.repeat(np.arange(self.num_users, dtype=np.int64), windows)
+        first = np.cumsum(windows) - windows  # index of each user's first window
+        window_rank = np.arange(len(users), dtype=np.int64) - np.repeat(first, windows)
+        ends = self.starts[users] + prefix[users] - window_rank * self.max_len
+        return users, ends
+
+    # -- access -----------------------------------------------------------------------------
+
+    def user_sequence(self, user: int) -> np.ndarray:
+        """All items of ``user`` in time order (a view, int64 [n])."""
+        return self.items[self.offsets[user] : self.offsets[user + 1]]
+
+    def eval_users(self, split: str) -> np.ndarray:
+        """Users (int64 [k], ascending) that have a ``split`` target, i.e. at least
+        ``MIN_EVAL_INTERACTIONS`` interactions."""
+        self._check_split(split)
+        return self._eval_users
+
+    def history(self, split: str, user: int) -> np.ndarray:
+        """The full input history of ``user`` for ``split`` ("train"/"valid": the training
+        prefix; "test": prefix + validation item), not truncated to ``max_len``."""
+        if split not in ("train", *SPLITS):
+            raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
+        start = self.offsets[user]
+        return self.items[start : start + self._history_ends[split][user]]
+
+    def history_pairs(self, split: str, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, item) index pairs of the full input histories of ``users`` [B] for ``split``,
+        for excluding already-seen items beyond the ``max_len`` window from a [B, N+1] score
+        matrix (see ``canet.metrics.exclude_pairs``). Returns two int64 tensors [K]."""
+        self._check_split(split)
+        user_list = users.detach().cpu().reshape(-1).tolist()
+        parts = [self.history(split, user) for user in user_list]
+        rows = np.repeat(np.arange(len(parts), dtype=np.int64), [len(p) for p in parts])
+        cols = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return torch.from_numpy(rows), torch.from_numpy(cols.astype(np.int64))
+
+    # -- batching ---------------------------------------------------------------------------
+
+    def _windows(self, ends: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Items at flat positions ``[end - L, end)`` clipped to ``>= start``, left-padded.
+
+        ends, starts: int64 [B]. Returns int64 [B, L]; column L-1 holds position end - 1.
+        """
+        positions = ends[:, None] - self.max_len + np.arange(self.max_len, dtype=np.int64)[None, :]
+        inside = positions >= starts[:, None]
+        gathered = self.items[np.where(inside, positions, 0)]
+        return np.where(inside, gathered, 0)
+
+    def num_train_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        count = len(self.sample_users)
+        return count // batch_size if drop_last else -(-count // batch_size)
+
+    def train_batches(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(seqs [B, L] int64, targets [B, L] int64)``; ``targets[b, j]`` is the item
+        following ``seqs[b, j]``; both are 0 at padding positions. Order is a permutation drawn
+        from ``generator`` (the global torch RNG if None) when ``shuffle``."""
+        _check_batch_size(batch_size)
+        count = len(self.sample_users)
+        if shuffle:
+            order = torch.randperm(count, generator=generator).numpy()
+        else:
+            order = np.arange(count)
+        stop = count - count % batch_size if drop_last else count
+        for first in range(0, stop, batch_size):
+            chosen = order[first : first + batch_size]
+            users, ends = self.sample_users[chosen], self.sample_ends[chosen]
+            starts = self.starts[users]
+            seqs = self._windows(ends - 1, starts)
+            targets = self._windows(ends, starts + 1)
+            yield torch.from_numpy(seqs), torch.from_numpy(targets)
+
+    def eval_batches(
+        self, split: str, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(users [B] int64, seqs [B, L] int64, targets [B] int64)`` for every user
+        with a ``split`` target, in ascending user order. ``seqs`` is the last L items of the
+        split's input history, left-padded."""
+        self._check_split(split)
+        _check_batch_size(batch_size)
+        users_all = self._eval_users
+        for first in range(0, len(users_all), batch_size):
+            users = users_all[first : first + batch_size]
+            starts = self.starts[users]
+            # The input ends where the target is: flat positions of the targets.
+            input_ends = starts + self._history_ends[split][users]
+            seqs = self._windows(input_ends, starts)
+            targets = self.items[input_ends]
+            yield torch.from_numpy(users.copy()), torch.from_numpy(seqs), torch.from_numpy(targets)
+
+    @staticmethod
+    def _check_split(split: str) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+
+    def __repr__(self) -> str:
+        return (
+            f"SequenceData(users={self.num_users}, items={self.num_items}, "
+            f"interactions={len(self.items)}, max_len={self.max_len}, path={self.path!r})"
+        )
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+
+def _factorize(tokens: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Codes int64 [n] into the sorted list of distinct tokens."""
+    distinct = sorted(set(tokens.tolist()))
+    index = {token: code for code, token in enumerate(distinct)}
+    codes = np.fromiter(
+        (index[token] for token in tokens.tolist()), dtype=np.int64, count=len(tokens)
+    )
+    return codes, distinct
+
+
+def build_dataset(
+    log: InteractionLog, max_len: int, min_user_inter: int = 0, min_item_inter: int = 0
+) -> SequenceData:
+    """Filter, remap and split an interaction log.
+
+    Filters (RecBole-style "k-core"): users with fewer than ``min_user_inter`` and items with
+    fewer than ``min_item_inter`` interactions are removed, repeatedly until no more rows are
+    removed (removing an item can push a user below the threshold and vice versa).
+
+    Ids: users 0..U-1 and items 1..N in sorted order of their token strings (independent of row
+    order). Each user's items are stably sorted by timestamp: ties keep file order.
+
+    Raises:
+        ConfigError: bad ``max_len``/threshold values.
+        DataFormatError: (``log.path``, no line) when no user has ``MIN_EVAL_INTERACTIONS``
+            interactions left.
+    """
+    max_len = check_count("max_len", max_len, 1)
+    min_user_inter = check_count("min_user_inter", min_user_inter, 0)
+    min_item_inter = check_count("min_item_inter", min_item_inter, 0)
+    user_codes, user_tokens = _factorize(np.asarray(log.users, dtype=object))
+    item_codes, item_tokens = _factorize(np.asarray(log.items, dtype=object))
+    timestamps = np.asarray(log.timestamps, dtype=np.float64)
+
+    keep = np.ones(len(user_codes), dtype=bool)
+    while True:
+        user_counts = np.bincount(user_codes[keep], minlength=len(user_tokens))
+        item_counts = np.bincount(item_codes[keep], minlength=len(item_tokens))
+        new_keep = (
+            keep
+            & (user_counts[user_codes] >= min_user_inter)
+            & (item_counts[item_codes] >= min_item_inter)
+        )
+        if np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+
+    rows = np.flatnonzero(keep)
+    kept_users = np.unique(user_codes[rows])
+    kept_items = np.unique(item_codes[rows])
+    # Compress codes to dense ids while keeping the sorted-token order.
+    user_ids = np.searchsorted(kept_users, user_codes[rows])
+    item_ids = np.searchsorted(kept_items, item_codes[rows]) + 1
+    order = np.lexsort((rows, timestamps[rows], user_ids))  # last key is the primary one
+
+    vocab = Vocab([user_tokens[c] for c in kept_users], [item_tokens[c] for c in kept_items])
+    counts = np.bincount(user_ids, minlength=vocab.num_users)
+    if not np.any(split_ends(counts).has_eval):
+        raise DataFormatError(
+            log.path,
+            None,
+            f"no user has at least {MIN_EVAL_INTERACTIONS} interactions after filtering "
+            f"(min_user_inter="
+            f"{min_user_inter}, min_item_inter={min_item_inter}; {len(rows)} of {len(log)} rows "
+            "kept); leave-one-out needs a training item, a validation and a test target",
+        )
+    offsets = np.zeros(vocab.num_users + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return SequenceData(
+        items=item_ids[order].astype(np.int64),
+        offsets=offsets,
+        vocab=vocab,
+        max_len=max_len,
+        path=log.path,
+        stats={"num_filtered_interactions": int(len(log) - len(rows))},
+    )
+
+
+
+def load_dataset(
+    path: str | os.PathLike[str],
+    *,
+    max_len: int,
+    format: str | None = None,
+    column_map: Mapping[str, str] | None = None,
+    min_user_inter: int = 0,
+    min_item_inter: int = 0,
+) -> SequenceData:
+    """Read the interaction log at ``path`` and build its dataset: :func:`read_interactions`
+    (``format``, ``column_map``) then :func:`build_dataset` (``max_len``, the filters).
+
+    Raises what those raise: DataFormatError for the file, ConfigError for the arguments.
+    """
+    log = read_interactions(path, format=format, column_map=column_map)
+    return build_dataset(
+        log, max_len, min_user_inter=min_user_inter, min_item_inter=min_item_inter
+    )
