@@ -106,6 +106,16 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bars
 
     # -- derived objects ----------------------------------------------------------------------
+    def dataset_options(self) -> dict[str, Any]:
+        """The data keys as keyword arguments of :func:`canet.data.load_dataset`."""
+        return {
+            "max_len": self.max_len,
+            "format": self.format,
+            "column_map": self.column_map,
+            "min_user_inter": self.min_user_inter,
+            "min_item_inter": self.min_item_inter,
+        }
+
     def routing_space(self) -> RoutingSpace:
         try:
             return RoutingSpace(self.depths, self.hidden, self.emb, self.heads)

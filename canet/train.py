@@ -44,7 +44,7 @@ from .config import (
     TrainConfig,
     dump_config,
 )
-from .data import SequenceData, build_dataset, read_interactions
+from .data import SequenceData
 from .errors import CanetError, CheckpointError
 from .evaluate import evaluate, format_histogram
 from .losses import balance_loss, guide_loss, next_item_loss, smallest_hits, uniform_loss
@@ -54,7 +54,6 @@ __all__ = [
     "TrainResult",
     "TrainingDivergedError",
     "build_model",
-    "load_data",
     "step_loss",
     "train",
 ]
@@ -77,15 +76,6 @@ class TrainResult:
     stopped_early: bool
     skipped_steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def load_data(config: TrainConfig, path: str | os.PathLike[str]) -> SequenceData:
-    """Read and split the interaction log at ``path`` with the config's data options."""
-    log = read_interactions(path, format=config.format, column_map=config.column_map)
-    return build_dataset(
-        log, config.max_len, min_user_inter=config.min_user_inter,
-        min_item_inter=config.min_item_inter,
-    )
 
 
 def build_model(config: TrainConfig, num_items: int) -> CANet:

@@ -11,9 +11,9 @@ import argparse
 from pathlib import Path
 
 from ..checkpoint import load_checkpoint
+from ..data import load_dataset
 from ..errors import CanetError
 from ..evaluate import evaluate, format_histogram
-from ..train import load_data
 from .output import write_metrics, write_ranks
 
 __all__ = ["add_arguments", "run"]
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise CanetError(f"--batch-size must be >= 1, got {args.batch_size}")
     loaded = load_checkpoint(args.run_dir)
     config = loaded.config
-    data = load_data(config, args.data)
+    data = load_dataset(args.data, **config.dataset_options())
     if data.vocab != loaded.vocab:
         raise CanetError(
             f"{args.data}: its users/items differ from the checkpoint's vocab.json "

@@ -14,9 +14,10 @@ from pathlib import Path
 from .. import checkpoint as ckpt
 from ..config import config_from_dict, load_config, read_yaml
 from ..config import parse_overrides as parse_config_overrides
+from ..data import load_dataset
 from ..errors import CanetError, CheckpointError
 from ..evaluate import evaluate
-from ..train import load_data, train
+from ..train import train
 from .output import write_metrics
 
 __all__ = ["add_arguments", "run"]
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             raise CanetError("train needs --out RUN_DIR (or --resume RUN_DIR)")
         run_dir = Path(args.out)
         config = load_config(args.config, overrides)
-    data = load_data(config, args.data)
+    data = load_dataset(args.data, **config.dataset_options())
     result = train(config, data, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
     print(
         f"done: {result.epochs_done} epochs, best valid ndcg@10 "
