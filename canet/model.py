@@ -238,7 +238,10 @@ class Supernet(nn.Module):
         self.out = nn.Linear(width, num_items + 1)
 
     def _embed(self, seqs: Tensor, emb: int) -> Tensor:
-        x = F.embedding(seqs, self.item_emb.weight[:, :emb]) + self.pos_emb.weight[:, :emb]
+        # A batch may come trimmed to its last L' <= max_len columns (training drops columns
+        # that are padding in every row): positions stay those of the full window.
+        positions = self.pos_emb.weight[self.max_len - seqs.shape[1] :, :emb]
+        x = F.embedding(seqs, self.item_emb.weight[:, :emb]) + positions
         return F.dropout(x, self.dropout, self.training)
 
     def hidden_sliced(self, seqs: Tensor, config: Config) -> Tensor:
@@ -318,8 +321,10 @@ class Supernet(nn.Module):
         """Item scores: hidden states ``[..., h]`` (h <= H) -> ``[..., N+1]``; column 0 = -inf."""
         h = x.shape[-1]
         scores = F.linear(x, self.out.weight[:, :h], self.out.bias)
-        pad = torch.zeros_like(scores[..., :1]).fill_(float("-inf"))
-        return torch.cat([pad, scores[..., 1:]], dim=-1)
+        # In place, no copy of the (large) score matrix: linear's backward needs its input and
+        # the incoming gradient, never its output, so autograd allows the write.
+        scores[..., 0] = float("-inf")
+        return scores
 
 
 class Router(nn.Module):
@@ -357,8 +362,9 @@ class Router(nn.Module):
         return self.logits_unchecked(seqs)
 
     def logits_unchecked(self, seqs: Tensor) -> Tensor:
-        """:meth:`forward` without boundary checks, for callers that validated already."""
-        x = self.item_emb(seqs) + self.pos_emb.weight
+        """:meth:`forward` without boundary checks, for callers that validated already. seqs
+        may be trimmed to its last L' <= max_len columns (positions stay the full window's)."""
+        x = self.item_emb(seqs) + self.pos_emb.weight[self.max_len - seqs.shape[1] :]
         x = F.dropout(x, self.dropout, self.training)
         x = block_sliced(
             self.block, x, self.dim, self.heads, allowed_keys(seqs), self.dropout, self.training
