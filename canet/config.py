@@ -32,7 +32,11 @@ __all__ = [
     "config_from_dict",
     "dump_config",
     "ARCHITECTURE_KEYS",
+    "PRECISIONS",
 ]
+
+# Training precisions: fp32, or bf16 autocast (fp32 master weights, fp32 loss and softmax).
+PRECISIONS = ("fp32", "bf16")
 
 # Keys that change the weight layout or what the weights mean: a resumed run may not change them.
 ARCHITECTURE_KEYS = (
@@ -93,6 +97,11 @@ class TrainConfig:
     sharpness_depth: float = LossWeights.sharpness_depth
     validate_router_input: bool = False  # run the router's boundary checks on every batch
     max_bad_steps: int = 10  # NaN/inf losses or gradients tolerated before training stops
+    clip_grad_norm: float = 0.0  # clip the total gradient norm to this; 0 = no clipping
+    # Batch windows of similar length together (canet.data: SequenceData.train_batches), so a
+    # log of short histories runs short batches; false = the plain shuffled order.
+    length_buckets: bool = True
+    precision: str = "fp32"  # "bf16": autocast with fp32 master weights (CUDA only)
     # -- evaluation / early stopping ----------------------------------------------------------
     eval_every: int = 1
     patience: int = 5  # validations without improvement before stopping; 0 = never stop early
@@ -188,6 +197,20 @@ class TrainConfig:
             raise ConfigError(
                 "tau_start, tau_end and tau_decay must be > 0, got "
                 f"{self.tau_start}, {self.tau_end}, {self.tau_decay}"
+            )
+        if not self.clip_grad_norm >= 0 or not math.isfinite(self.clip_grad_norm):
+            raise ConfigError(
+                f"clip_grad_norm must be a finite number >= 0 (0 = off), got {self.clip_grad_norm}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.precision == "bf16" and not str(self.device).startswith("cuda"):
+            raise ConfigError(
+                f"precision bf16 trains on CUDA only (device is {self.device!r}): on CPUs "
+                "without native bf16 (AVX512-BF16/AMX) autocast is slower than fp32; measured "
+                "in docs/training.md"
             )
         if not self.ks or any(k < 1 for k in self.ks):
             raise ConfigError(f"ks must be a non-empty list of ints >= 1, got {self.ks}")

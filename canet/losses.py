@@ -17,6 +17,7 @@ true marginals (``-sum label * log marginal``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -71,10 +72,25 @@ def _membership(space: RoutingSpace, device: torch.device) -> tuple[Tensor, Tens
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _membership_as(
+    space: RoutingSpace, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    # Built once per (space, dtype, device): a training step then copies nothing to the device.
+    return tuple(m.to(dtype) for m in _membership(space, device))
+
+
+@functools.lru_cache(maxsize=32)
+def _labels_as(
+    n: int, sharpness: float, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    return tuple(t.to(dtype=dtype, device=device) for t in soft_labels(n, sharpness))
+
+
 def decoupled_marginals(probs: Tensor, space: RoutingSpace) -> tuple[Tensor, Tensor, Tensor]:
     """Router distribution ``[B, C]`` -> marginals over emb ``[B, nE]``, hidden ``[B, nH]``,
     depth ``[B, nD]``."""
-    return tuple(probs @ m.to(probs.dtype) for m in _membership(space, probs.device))
+    return tuple(probs @ m for m in _membership_as(space, probs.dtype, probs.device))
 
 
 def guide_loss(
@@ -88,7 +104,7 @@ def guide_loss(
     total = router_logits.new_zeros(())
     sharpness = (weights.sharpness_emb, weights.sharpness_hidden, weights.sharpness_depth)
     for marginal, sharp in zip(decoupled_marginals(probs, space), sharpness, strict=True):
-        small, large = (t.to(probs) for t in soft_labels(marginal.shape[-1], sharp))
+        small, large = _labels_as(marginal.shape[-1], float(sharp), probs.dtype, probs.device)
         labels = torch.where(smallest_hit[:, None], small, large)
         total = total - (labels * marginal.clamp_min(1e-30).log()).sum(-1).mean()
     return total
@@ -108,9 +124,13 @@ def balance_loss(router_logits: Tensor) -> Tensor:
 
 
 def next_item_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy at every position with a target. logits ``[B, L, N+1]``, targets ``[B, L]``
-    (0 = no target) -> scalar mean over targeted positions."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0)
+    """Cross-entropy at every position with a target. logits ``[..., N+1]`` (e.g. ``[B, L, N+1]``,
+    or ``[T, N+1]`` at targeted positions only), targets ``[...]`` (0 = no target) -> scalar mean
+    over targeted positions, in float32 at least (softmax statistics never in bf16/fp16)."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=0)
 
 
 def smallest_hits(

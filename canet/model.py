@@ -156,7 +156,10 @@ def block_sliced(
 
 def masked_layer_norm(z: Tensor, mask: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """LayerNorm over each sample's channel prefix. z ``[B, L, H]``, mask ``[B, H]`` (1 on the
-    prefix). Channels outside the prefix come out as zero."""
+    prefix). Channels outside the prefix come out as zero. Statistics are computed in float32
+    at least (as F.layer_norm does under autocast)."""
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z, mask = z.float(), mask.float()
     m = mask[:, None, :]
     count = m.sum(-1, keepdim=True)
     mean = (z * m).sum(-1, keepdim=True) / count
@@ -295,7 +298,15 @@ class Supernet(nn.Module):
 
     def _choice_tables(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
         """Per-config rows that turn a routing choice into masks: ``emb_mask [C, E]``,
-        ``hidden_mask [C, H]``, ``ffn_mask [C, 4H]``, ``scale [C]``, ``runs [D, C]``."""
+        ``hidden_mask [C, H]``, ``ffn_mask [C, 4H]``, ``scale [C]``, ``runs [D, C]``. Built
+        once per (dtype, device): a training step then copies nothing to the device."""
+        key = (dtype, device)
+        cache = self.__dict__.setdefault("_choice_table_cache", {})
+        if key not in cache:
+            cache[key] = self._build_choice_tables(dtype, device)
+        return cache[key]
+
+    def _build_choice_tables(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
         space = self.space
         configs = space.configs
 

@@ -39,6 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .checks import check_sequences
 from .config import (
     ARCHITECTURE_KEYS,
     TrainConfig,
@@ -99,43 +100,99 @@ def step_loss(
     tau: float,
     noise: torch.Generator | None,
     fixed_config_id: int | None = None,
-) -> tuple[Tensor, dict[str, float], Tensor | None]:
-    """Loss of one training batch. seqs, targets ``[B, L]`` int64 (0 = padding / no target).
+    *,
+    target_positions: Tensor | None = None,
+    all_positions: bool = False,
+) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+    """Loss of one training batch. seqs, targets ``[B, L']`` int64 (0 = padding / no target);
+    ``L' <= max_len``: a batch trimmed to its longest window keeps the window's last ``L'``
+    columns, and every sample's math is that of its full window.
 
-    Returns (scalar loss, {part: value} for logging, sampled config ids ``[B]`` or None).
+    The output layer and the cross-entropy run only at the ``T`` positions with a target:
+    ``target_positions [T]`` are their flat indices into ``[B * L']`` (``targets != 0``), given by
+    a caller that computed them on the host so that a GPU step never syncs (None: computed
+    here). ``all_positions`` is the computation before issue 13, kept as the reference of tests
+    and benchmarks: logits ``[B, L', N+1]`` at every position, padding ignored by the loss.
+    Both give the same loss (the mean over targeted positions) up to float rounding.
+
+    Returns (scalar loss, {part: detached 0-d tensor} for logging, sampled config ids ``[B]``
+    or None). Nothing here reads a value back to the host.
     """
     if fixed_config_id is not None:
-        logits = model.logits_sliced(seqs, model.space.configs[fixed_config_id])
-        loss = next_item_loss(logits, targets)
-        return loss, {"next_item": float(loss.detach())}, None
+        hidden = model.supernet.hidden_sliced(seqs, model.space.configs[fixed_config_id])
+        loss = _next_item(model, hidden, targets, target_positions, all_positions)
+        return loss, {"next_item": loss.detach()}, None
     weights = config.loss_weights()
     if config.validate_router_input:
-        router_logits = model.router(seqs)
-    else:
-        router_logits = model.router.logits_unchecked(seqs)
+        check_sequences(seqs, model.num_items, seqs.shape[1])
+    router_logits = model.router.logits_unchecked(seqs)
     choice = gumbel_straight_through(router_logits, tau, noise)
-    ce = next_item_loss(model.logits_masked(seqs, choice), targets)
+    hidden = model.supernet.hidden_masked(seqs, choice)
+    ce = _next_item(model, hidden, targets, target_positions, all_positions)
     # Windows end at a real item, so the last target is always real (the guide needs it).
     hits = smallest_hits(model, seqs, targets[:, -1], k=weights.guide_k)
     guide = guide_loss(router_logits, hits, model.space, weights)
     uniform = uniform_loss(router_logits)
     loss = ce + weights.guide * guide + weights.uniform * uniform
-    parts = {
-        "next_item": float(ce.detach()),
-        "guide": float(guide.detach()),
-        "uniform": float(uniform.detach()),
-    }
+    parts = {"next_item": ce.detach(), "guide": guide.detach(), "uniform": uniform.detach()}
     if weights.balance:
         balance = balance_loss(router_logits)
         loss = loss + weights.balance * balance
-        parts["balance"] = float(balance.detach())
+        parts["balance"] = balance.detach()
     return loss, parts, choice.detach().argmax(dim=-1)
 
 
-def _gradients_finite(model: CANet) -> bool:
-    return all(
-        bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None
-    )
+def _next_item(
+    model: CANet,
+    hidden: Tensor,
+    targets: Tensor,
+    positions: Tensor | None,
+    all_positions: bool,
+) -> Tensor:
+    """Next-item cross-entropy of hidden states ``[B, L', h]`` against ``targets [B, L']``."""
+    if all_positions:
+        return next_item_loss(model.supernet.logits(hidden), targets)
+    flat_targets = targets.flatten()
+    if positions is None:
+        positions = flat_targets.nonzero().squeeze(1)
+    rows = hidden.flatten(0, 1).index_select(0, positions)  # [T, h]
+    return next_item_loss(model.supernet.logits(rows), flat_targets.index_select(0, positions))
+
+
+# Steps between progress-bar loss updates (each reads the running loss back from the device).
+PROGRESS_EVERY = 50
+
+
+class _DeviceSums:
+    """An epoch's logged sums, kept on the training device so a step never waits for it."""
+
+    def __init__(self, device: torch.device, n_configs: int) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.grad_norm = torch.zeros((), dtype=torch.float64, device=device)
+        self.parts: dict[str, Tensor] = {}
+        self.sampled = torch.zeros(n_configs, dtype=torch.int64, device=device)
+
+    def add(self, loss: Tensor, norm: Tensor, parts: dict[str, Tensor], chosen: Tensor | None):
+        self.loss += loss.detach()
+        self.grad_norm += norm
+        for name, value in parts.items():
+            if name not in self.parts:
+                self.parts[name] = torch.zeros_like(self.loss)
+            self.parts[name] += value
+        if chosen is not None:
+            self.sampled += torch.bincount(chosen, minlength=self.sampled.numel())
+
+    def mean_loss(self, steps: int) -> float:
+        return float(self.loss) / steps
+
+    def means(self, steps: int) -> dict[str, float]:
+        """{"loss", "grad_norm", part...}: means over the epoch's steps (NaN without a step)."""
+        names = ["loss", "grad_norm", *self.parts]
+        values = torch.stack([self.loss, self.grad_norm, *self.parts.values()]).tolist()
+        return {n: v / steps if steps else math.nan for n, v in zip(names, values, strict=True)}
+
+    def histogram(self) -> list[int]:
+        return self.sampled.tolist()
 
 
 class _Run:
@@ -223,29 +280,47 @@ class _Run:
 
     # -- one epoch -----------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, Any]:
+        """One pass over the training windows. A step reads one value back to the host (the
+        fused finiteness check of its loss and total gradient norm); the logged sums stay on
+        the device until the epoch ends (and every PROGRESS_EVERY steps for the progress bar)."""
         config, model = self.config, self.model
         model.train()
         tau = config.tau(self.epoch)
         total = self.data.num_train_batches(config.batch_size)
-        batches = self.data.train_batches(config.batch_size, self.generators["data"])
-        loss_sum, parts_sum, steps, skipped = 0.0, {}, 0, 0
-        sampled = torch.zeros(model.space.n_configs, dtype=torch.int64)
+        batches = self.data.train_batches(
+            config.batch_size, self.generators["data"], trim=True,
+            length_buckets=config.length_buckets,
+        )
+        device = self.device
+        sums = _DeviceSums(device, model.space.n_configs)
+        steps, skipped, targets_seen = 0, 0, 0
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        autocast = torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"
+        )
         started = time.perf_counter()
         bar = tqdm(
             batches, total=total, desc=f"epoch {self.epoch + 1}/{config.epochs}",
             disable=not config.progress, leave=False, dynamic_ncols=True,
         )
         for seqs, targets in bar:
-            seqs, targets = seqs.to(self.device), targets.to(self.device)
-            loss, parts, chosen = step_loss(
-                model, seqs, targets, config, tau, self.generators["noise"], self.fixed_id
+            # Flat indices of the targeted positions, found on the host: no device sync.
+            positions = targets.flatten().nonzero().squeeze(1)
+            seqs, targets, positions = (
+                t.to(device, non_blocking=True) for t in (seqs, targets, positions)
             )
+            with autocast:
+                loss, parts, chosen = step_loss(
+                    model, seqs, targets, config, tau, self.generators["noise"], self.fixed_id,
+                    target_positions=positions,
+                )
             self.optimizer.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-                finite = _gradients_finite(model)
-            if not finite:
+            loss.backward()
+            grads = [p.grad for p in parameters if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            if config.clip_grad_norm:
+                torch.nn.utils.clip_grads_with_norm_(parameters, config.clip_grad_norm, norm)
+            if not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):  # the one sync
                 # Skip rather than step: one bad batch must not poison Adam's moments.
                 self.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -259,25 +334,27 @@ class _Run:
                 continue
             self.optimizer.step()
             steps += 1
-            loss_sum += float(loss.detach())
-            for name, value in parts.items():
-                parts_sum[name] = parts_sum.get(name, 0.0) + value
-            if chosen is not None:
-                sampled += torch.bincount(chosen.cpu(), minlength=model.space.n_configs)
-            bar.set_postfix(loss=f"{loss_sum / steps:.4f}", refresh=False)
+            targets_seen += int(positions.numel())
+            sums.add(loss, norm, parts, chosen)
+            if config.progress and steps % PROGRESS_EVERY == 0:
+                bar.set_postfix(loss=f"{sums.mean_loss(steps):.4f}", refresh=False)
         bar.close()
+        means = sums.means(steps)  # reads the epoch's sums back (waits for the device)
+        seconds = time.perf_counter() - started
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         return {
             "epoch": self.epoch + 1,
-            "loss": loss_sum / steps if steps else math.nan,
-            **{name: value / steps for name, value in parts_sum.items()},
+            **means,
             "tau": tau,
             "lr": lr,
             "steps": steps,
             "skipped_steps": skipped,
-            "train_seconds": time.perf_counter() - started,
-            "sampled_histogram": sampled.tolist() if self.fixed_id is None else None,
+            "train_seconds": seconds,
+            "targets": targets_seen,
+            "steps_per_second": steps / seconds if seconds > 0 else math.nan,
+            "targets_per_second": targets_seen / seconds if seconds > 0 else math.nan,
+            "sampled_histogram": sums.histogram() if self.fixed_id is None else None,
         }
 
     def validate(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import canet.train as train_module
 from canet.checkpoint import load_checkpoint, load_training_state
 from canet.config import config_from_dict
 from canet.data import build_dataset, synthetic_log
-from canet.errors import CheckpointError
+from canet.errors import CheckpointError, ConfigError
 from canet.losses import smallest_hits
 from canet.train import TrainingDivergedError, build_model, step_loss, train
 
@@ -197,3 +198,136 @@ def test_guide_label_sees_dropout_in_training_as_the_papers_code(data) -> None:
     in_eval = [labels(seed) for seed in range(3)]
     assert not model.training
     assert all(torch.equal(in_eval[0], other) for other in in_eval[1:])
+
+
+# -- the fast step (issue 13): same loss and gradients as the full-padding computation -------
+
+
+def _random_weights(model: torch.nn.Module, seed: int) -> None:
+    """Weights far from the init (residual scales ~1), so every block and head matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "res_scale" in name:
+                p.copy_(torch.rand(p.shape, generator=generator, dtype=p.dtype) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.3)
+
+
+def _mixed_batch(lengths: list[int], max_len: int, num_items: int, seed: int):
+    """Left-padded windows ``[B, max_len]`` with the given real lengths, their next-item targets,
+    and the batch trimmed to its longest window (the last L' columns)."""
+    generator = torch.Generator().manual_seed(seed)
+    seqs = torch.zeros(len(lengths), max_len, dtype=torch.int64)
+    targets = torch.zeros_like(seqs)
+    for row, length in enumerate(lengths):
+        seqs[row, max_len - length :] = torch.randint(1, num_items + 1, (length,), generator=generator)
+        targets[row, max_len - length :] = torch.randint(
+            1, num_items + 1, (length,), generator=generator
+        )
+    width = max(lengths)
+    return seqs, targets, seqs[:, -width:].contiguous(), targets[:, -width:].contiguous()
+
+
+@pytest.mark.parametrize("fixed", [None, 3])
+@pytest.mark.parametrize("lengths", [[1, 5, 12, 3, 7, 1, 9], [1], [4], [1, 1, 1], [12, 12]])
+def test_trimmed_targeted_step_equals_the_full_padding_step_in_float64(fixed, lengths) -> None:
+    max_len, num_items = 12, 40
+    config = config_from_dict({**TINY, "max_len": max_len, "dropout": 0.0, "balance_weight": 0.3,
+                               "guide_k": 5})
+    model = build_model(config, num_items).double().train()
+    _random_weights(model, seed=len(lengths))
+    seqs, targets, short_seqs, short_targets = _mixed_batch(lengths, max_len, num_items, seed=7)
+
+    def loss_and_grads(seqs, targets, **kwargs):
+        model.zero_grad(set_to_none=True)
+        loss, parts, _ = step_loss(model, seqs, targets, config, 0.7,
+                                   torch.Generator().manual_seed(5), fixed, **kwargs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), parts, grads
+
+    old_loss, old_parts, old_grads = loss_and_grads(seqs, targets, all_positions=True)
+    positions = short_targets.flatten().nonzero().squeeze(1)
+    new_loss, new_parts, new_grads = loss_and_grads(short_seqs, short_targets,
+                                                    target_positions=positions)
+    assert old_parts.keys() == new_parts.keys()
+    assert (new_loss - old_loss).abs() <= 1e-10 * old_loss.abs()
+    for name in old_parts:
+        assert (new_parts[name] - old_parts[name]).abs() <= 1e-10 * old_parts[name].abs() + 1e-15
+    assert old_grads.keys() == new_grads.keys()
+    for name, old in old_grads.items():
+        scale = max(old.abs().max().item(), 1e-300)
+        difference = (new_grads[name] - old).abs().max().item()
+        assert difference <= 1e-10 * scale, (name, difference, scale)
+    # Without given positions the step finds them itself: the same loss.
+    again, _, _ = loss_and_grads(short_seqs, short_targets)
+    assert again == new_loss
+
+
+def test_a_training_step_reads_back_from_the_device_once(tmp_path, data, monkeypatch) -> None:
+    """Sync points called from canet's own code (Tensor.item/__bool__/__float__/tolist/cpu/
+    numpy), counted on CPU: one per step (the fused finiteness check) plus a few per epoch."""
+    import sys
+
+    import canet
+
+    package = str(Path(canet.__file__).parent)
+    calls = {"n": 0}
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(package) and not caller.endswith(("evaluate.py", "checkpoint.py")):
+                calls["n"] += 1
+            return real(self, *args, **kwargs)
+
+        return wrapper
+
+    config = config_from_dict({**TINY, "epochs": 1, "batch_size": 8})
+    steps = data.num_train_batches(8)
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    result = train(config, data, tmp_path, log=_quiet)
+    monkeypatch.undo()
+    assert result.history[0]["steps"] == steps > 10
+    assert calls["n"] <= steps + 10, f"{calls['n']} host reads for {steps} steps"
+
+
+def test_epoch_records_report_throughput(tmp_path, data) -> None:
+    result = train(config_from_dict({**TINY, "epochs": 1}), data, tmp_path, log=_quiet)
+    record = result.history[0]
+    real_targets = sum(int((t != 0).sum()) for _, t in data.train_batches(16))
+    assert record["targets"] == real_targets
+    assert record["steps_per_second"] == pytest.approx(record["steps"] / record["train_seconds"])
+    assert record["targets_per_second"] == pytest.approx(real_targets / record["train_seconds"])
+    assert math.isfinite(record["grad_norm"]) and record["grad_norm"] > 0
+    state = load_training_state(tmp_path / "last")[0]
+    assert state["history"][0]["targets_per_second"] == record["targets_per_second"]
+
+
+def test_clip_grad_norm_bounds_every_update(tmp_path, data, monkeypatch) -> None:
+    norms = []
+    real_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        norms.append(float(torch.nn.utils.get_total_norm(grads)))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    train(config_from_dict({**TINY, "epochs": 1, "clip_grad_norm": 1e-3}), data, tmp_path,
+          log=_quiet)
+    assert norms and max(norms) <= 1e-3 * (1 + 1e-5)
+
+
+def test_bf16_precision_is_refused_on_cpu() -> None:
+    with pytest.raises(ConfigError, match="bf16 trains on CUDA only"):
+        config_from_dict({"precision": "bf16"})
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        config_from_dict({"precision": "fp16"})
+    with pytest.raises(ConfigError, match="clip_grad_norm"):
+        config_from_dict({"clip_grad_norm": -1.0})
