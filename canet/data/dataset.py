@@ -20,7 +20,14 @@ from .readers import InteractionLog, read_interactions
 from .split import MIN_EVAL_INTERACTIONS, SPLITS, split_ends
 from .vocab import Vocab
 
-__all__ = ["SequenceData", "build_dataset", "load_dataset"]
+__all__ = ["POOL_BATCHES", "SequenceData", "build_dataset", "load_dataset"]
+
+# Length buckets (``train_batches(length_buckets=True)``): windows are sorted by length within
+# pools of POOL_BATCHES batches of a random permutation (fastai's "sortish" sampler uses the same
+# 50). Larger pools group lengths more tightly (less padding) but make a batch's windows less
+# random; with 50, a batch covers about 1/50 of the pool's length quantiles (on an Amazon-like
+# log, ~90% of a trimmed batch is real items), while each pool is still a fresh random draw.
+POOL_BATCHES = 50
 
 
 class SequenceData:
@@ -37,7 +44,8 @@ class SequenceData:
     Training windows over a prefix of length P >= 2: the first window ends at the prefix end
     (targets = the last ``min(L, P-1)`` prefix items, inputs = the item before each target);
     each further window ends ``L`` items earlier, until no target with an input is left. So each
-    prefix item except the first is a target exactly once.
+    prefix item except the first is a target exactly once. ``sample_lengths`` (int64 [S], each
+    in ``1..L``) is each window's number of real (non-padding) positions.
     """
 
     def __init__(
@@ -68,6 +76,11 @@ class SequenceData:
             name: self.split_ends.history_end(name) for name in ("train", *SPLITS)
         }
         self.sample_users, self.sample_ends = self._training_samples()
+        # Real (non-padding) positions of each training window: its targets are the flat
+        # positions [end - L, end) clipped to >= start + 1.
+        self.sample_lengths = np.minimum(
+            self.max_len, self.sample_ends - self.starts[self.sample_users] - 1
+        )
         self.stats: dict[str, int] = {
             "num_interactions": len(self.items),
             "num_users": int(self.num_users),
@@ -122,17 +135,23 @@ class SequenceData:
 
     # -- batching ---------------------------------------------------------------------------
 
-    def _windows(self, ends: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        """Items at flat positions ``[end - L, end)`` clipped to ``>= start``, left-padded.
+    def _windows(
+        self, ends: np.ndarray, starts: np.ndarray, width: int | None = None
+    ) -> np.ndarray:
+        """Items at flat positions ``[end - width, end)`` clipped to ``>= start``, left-padded.
 
-        ends, starts: int64 [B]. Returns int64 [B, L]; column L-1 holds position end - 1.
+        ends, starts: int64 [B]; ``width`` defaults to L. Returns int64 [B, width]; the last
+        column holds position end - 1, so a width-W window is the last W columns of the L one.
         """
-        positions = ends[:, None] - self.max_len + np.arange(self.max_len, dtype=np.int64)[None, :]
+        width = self.max_len if width is None else width
+        positions = ends[:, None] - width + np.arange(width, dtype=np.int64)[None, :]
         inside = positions >= starts[:, None]
         gathered = self.items[np.where(inside, positions, 0)]
         return np.where(inside, gathered, 0)
 
     def num_train_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        """Batches per epoch of :meth:`train_batches` (the same with or without its
+        ``length_buckets`` and ``trim``)."""
         count = len(self.sample_users)
         return count // batch_size if drop_last else -(-count // batch_size)
 
@@ -142,24 +161,76 @@ class SequenceData:
         generator: torch.Generator | None = None,
         shuffle: bool = True,
         drop_last: bool = False,
+        *,
+        length_buckets: bool = False,
+        trim: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(seqs [B, L] int64, targets [B, L] int64)``; ``targets[b, j]`` is the item
-        following ``seqs[b, j]``; both are 0 at padding positions. Order is a permutation drawn
-        from ``generator`` (the global torch RNG if None) when ``shuffle``."""
+        """Yield ``(seqs [B, W] int64, targets [B, W] int64)``; ``targets[b, j]`` is the item
+        following ``seqs[b, j]``; both are 0 at padding positions. Every training window is in
+        exactly one batch per epoch; batches hold ``batch_size`` windows except at most one
+        short batch, which ``drop_last`` drops.
+
+        Order: without ``length_buckets``, a permutation drawn from ``generator`` (the global
+        torch RNG if None) when ``shuffle``, else sample order, cut into consecutive batches
+        (the short batch last). With ``length_buckets`` ("sortish" batching, so a log of short
+        histories runs short batches once trimmed): the permutation's first
+        ``count - count % batch_size`` windows are cut into pools of ``POOL_BATCHES *
+        batch_size``; each pool is stably sorted by window length (ties keep the random order)
+        and cut into batches; the remaining ``count % batch_size`` random windows form the short
+        batch; then the order of all batches is shuffled by a second permutation from the same
+        ``generator``. The order depends only on the generator's state. With ``shuffle=False``
+        both permutations are the identity (pools sorted, batches in pool order).
+
+        ``trim``: W = the longest window in the batch (``max(sample_lengths)``, 1..L) instead
+        of L = max_len. The columns kept are the LAST W columns of the max_len window (the ones
+        cut are padding in both tensors), so column ``j`` of a trimmed batch is position
+        ``L - W + j`` of the full window: a model adding ``pos_emb[L - W:]`` (a right-aligned
+        position embedding) computes for every sample what it computes on the full window.
+        Without ``trim``, W = L.
+        """
         _check_batch_size(batch_size)
         count = len(self.sample_users)
         if shuffle:
             order = torch.randperm(count, generator=generator).numpy()
         else:
             order = np.arange(count)
-        stop = count - count % batch_size if drop_last else count
-        for first in range(0, stop, batch_size):
-            chosen = order[first : first + batch_size]
+        if length_buckets:
+            batches = self._bucketed_batches(order, batch_size, generator, shuffle, drop_last)
+        else:
+            stop = count - count % batch_size if drop_last else count
+            batches = (order[first : first + batch_size] for first in range(0, stop, batch_size))
+        for chosen in batches:
             users, ends = self.sample_users[chosen], self.sample_ends[chosen]
             starts = self.starts[users]
-            seqs = self._windows(ends - 1, starts)
-            targets = self._windows(ends, starts + 1)
+            width = max(1, int(self.sample_lengths[chosen].max())) if trim else self.max_len
+            seqs = self._windows(ends - 1, starts, width)
+            targets = self._windows(ends, starts + 1, width)
             yield torch.from_numpy(seqs), torch.from_numpy(targets)
+
+    def _bucketed_batches(
+        self,
+        order: np.ndarray,
+        batch_size: int,
+        generator: torch.Generator | None,
+        shuffle: bool,
+        drop_last: bool,
+    ) -> list[np.ndarray]:
+        """The "sortish" batches of :meth:`train_batches` from the permutation ``order`` [S]:
+        a list of int64 sample-index arrays, in the order to yield them."""
+        full = len(order) - len(order) % batch_size
+        body = order[:full]
+        # Pools are a multiple of batch_size long, so only the remainder makes a short batch;
+        # taking the remainder from the random order (not from a sorted pool) keeps drop_last
+        # dropping a uniformly random set of windows, as without buckets.
+        pool = np.arange(full, dtype=np.int64) // (POOL_BATCHES * batch_size)
+        body = body[np.lexsort((self.sample_lengths[body], pool))]  # stable: ties keep order
+        batches = list(body.reshape(-1, batch_size))
+        if full < len(order) and not drop_last:
+            batches.append(order[full:])
+        if shuffle:
+            batch_order = torch.randperm(len(batches), generator=generator).tolist()
+            batches = [batches[index] for index in batch_order]
+        return batches
 
     def eval_batches(
         self, split: str, batch_size: int
