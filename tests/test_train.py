@@ -54,7 +54,8 @@ def test_step_loss_has_every_part_and_gives_router_gradients(data) -> None:
     with_balance, parts_b, _ = step_loss(model, seqs, targets, balanced, 1.0,
                                          torch.Generator().manual_seed(1))
     assert set(parts_b) == {"next_item", "guide", "uniform", "balance"} and parts_b["balance"] > 0
-    assert with_balance.item() == pytest.approx(plain.item() + 0.5 * parts_b["balance"], rel=1e-6)
+    assert with_balance.item() == pytest.approx(plain.item() + 0.5 * float(parts_b["balance"]),
+                                              rel=1e-6)
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, data) -> None:
@@ -221,10 +222,10 @@ def _mixed_batch(lengths: list[int], max_len: int, num_items: int, seed: int):
     seqs = torch.zeros(len(lengths), max_len, dtype=torch.int64)
     targets = torch.zeros_like(seqs)
     for row, length in enumerate(lengths):
-        seqs[row, max_len - length :] = torch.randint(1, num_items + 1, (length,), generator=generator)
-        targets[row, max_len - length :] = torch.randint(
-            1, num_items + 1, (length,), generator=generator
-        )
+        for tensor in (seqs, targets):
+            tensor[row, max_len - length :] = torch.randint(
+                1, num_items + 1, (length,), generator=generator
+            )
     width = max(lengths)
     return seqs, targets, seqs[:, -width:].contiguous(), targets[:, -width:].contiguous()
 
@@ -266,8 +267,9 @@ def test_trimmed_targeted_step_equals_the_full_padding_step_in_float64(fixed, le
 
 
 def test_a_training_step_reads_back_from_the_device_once(tmp_path, data, monkeypatch) -> None:
-    """Sync points called from canet's own code (Tensor.item/__bool__/__float__/tolist/cpu/
-    numpy), counted on CPU: one per step (the fused finiteness check) plus a few per epoch."""
+    """Host reads (Tensor.item/__bool__/__float__/__int__/tolist/cpu/numpy: each a device sync
+    on a GPU) made by canet's code inside the epoch loop, counted on CPU: one per step (the
+    fused finiteness check) plus a few per epoch. Validation and checkpoints are not counted."""
     import sys
 
     import canet
@@ -275,25 +277,32 @@ def test_a_training_step_reads_back_from_the_device_once(tmp_path, data, monkeyp
     package = str(Path(canet.__file__).parent)
     calls = {"n": 0}
 
+    def in_epoch_loop(frame) -> bool:
+        while frame is not None:
+            if frame.f_code.co_name == "train_epoch":
+                return True
+            frame = frame.f_back
+        return False
+
     def counting(name):
         real = getattr(torch.Tensor, name)
 
         def wrapper(self, *args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if caller.startswith(package) and not caller.endswith(("evaluate.py", "checkpoint.py")):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(package) and in_epoch_loop(caller):
                 calls["n"] += 1
             return real(self, *args, **kwargs)
 
         return wrapper
 
-    config = config_from_dict({**TINY, "epochs": 1, "batch_size": 8})
-    steps = data.num_train_batches(8)
+    config = config_from_dict({**TINY, "epochs": 1, "batch_size": 4})
+    steps = data.num_train_batches(4)
     for name in ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, counting(name))
     result = train(config, data, tmp_path, log=_quiet)
     monkeypatch.undo()
     assert result.history[0]["steps"] == steps > 10
-    assert calls["n"] <= steps + 10, f"{calls['n']} host reads for {steps} steps"
+    assert steps <= calls["n"] <= steps + 4, f"{calls['n']} host reads for {steps} steps"
 
 
 def test_epoch_records_report_throughput(tmp_path, data) -> None:
