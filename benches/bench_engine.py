@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from canet import Engine, bench
+from canet.flops import batch_flops, config_flops
 
 # Baselines first, then per backend routed and all-largest: the order rows appear in a group.
 METHODS: tuple[str, ...] = (
@@ -41,10 +42,11 @@ def test_score(benchmark, bench_model, bench_engines, mix: str, batch: int, meth
         batch=batch,
         method=method,
         threads=torch.get_num_threads(),
-        flops_routed=bench.routed_flops(config_ids, space, bench.SEQ_LEN, bench.NUM_ITEMS),
-        flops_largest=bench.routed_flops(
-            torch.full((batch,), space.largest_id), space, bench.SEQ_LEN, bench.NUM_ITEMS
-        ),
+        flops_routed=batch_flops(bench.config_histogram(config_ids, space), space,
+                                 bench.SEQ_LEN, bench.NUM_ITEMS),
+        flops_largest=batch * config_flops(space, bench.SEQ_LEN, bench.NUM_ITEMS)[
+            space.largest_id
+        ],
     )
     with torch.inference_mode():
         call()  # warm-up: first calls pay for allocator growth and lazy initialisation

@@ -31,16 +31,18 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(ROOT))
+from canet import _ext, ops
+from canet.bench import (
+    DTYPES,
+    Interrupted,
+    error_text,
+    graph_of,
+    on_sigterm,
+    slug,
+    time_repeats,
+    write_json_and_markdown,
+)
 
-from canet import _ext, ops  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling GPU benchmark
-from gpu_bench import Interrupted, error_text, graph_of, on_sigterm, slug, time_ms  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HIDDEN_SIZES = (64, 96, 128)
 CONFIG_TABLE = [(d, h, e) for h in HIDDEN_SIZES for d in (2, 4, 6, 8) for e in HIDDEN_SIZES]
 MAX_DEPTH = max(depth for depth, _, _ in CONFIG_TABLE)  # given to the op: no host sync
@@ -101,7 +103,7 @@ def make_inputs(args: argparse.Namespace, device: str) -> dict:
 
 def time_us(fn, iters: int, warmup: int) -> float:
     """Median microseconds of ``fn()`` over ``iters`` CUDA-event-timed calls."""
-    return time_ms(fn, iters, warmup) * 1000.0
+    return time_repeats(fn, iters, warmup_calls=warmup, clock="cuda").median * 1e6
 
 
 def torch_topk(x: dict, k: int):
@@ -242,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
 
     def write() -> str:
-        Path(f"{base}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
         table = markdown(results, f"# canet op micro-benchmark {stamp} on {gpu} "
                                   f"({args.dtype}): {meta['status']}")
-        Path(f"{base}.md").write_text(table)
+        write_json_and_markdown(f"{base}.json", {"meta": meta, "results": results},
+                                f"{base}.md", table)
         return table
 
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm)

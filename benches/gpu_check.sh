@@ -30,6 +30,11 @@
 # Environment: PYTHON (default python3), RESULTS_DIR, OUT, CHECK_BUDGET_S, MAX_JOBS (default 8).
 set -uo pipefail  # no -e: a failing step is recorded, and the next one runs
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+# The scripts in benches/ import canet (canet.bench) without editing sys.path: put the checkout
+# first, as `python -m pytest` and `python -m canet.info` do with the working directory. So
+# the dry run (nothing installed) works, and canet.kernels still comes from the editable
+# install's mapping once step 2 has run.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 DRY_RUN=0
 case "${1:-}" in

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import re
 import shutil
@@ -41,13 +40,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(ROOT))
+from canet import CANet, RoutingSpace
+from canet.bench import DTYPES, write_json_and_markdown
 
-from canet import CANet, RoutingSpace  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: csrc/ and the default results/
 # JITFunction._pack_args and get_ptxas(arch), which compute and compile a key as a launch does.
 MIN_TRITON = (3, 6)
 # Largest dynamic shared memory one block may opt in to (CUDA programming guide, compute
@@ -425,12 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         "compile_s_total": round(sum(r.get("compile_s", 0.0) for r in rows), 1),
     }
     name = args.name or f"{meta['date']}-sm{args.arch}-kernels"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(
-        json.dumps({"meta": meta, "triton": rows, "cuda": cuda_rows}, indent=2) + "\n"
-    )
     text = markdown(meta, rows, cuda_rows)
-    (args.out / f"{name}.md").write_text(text)
+    write_json_and_markdown(args.out / f"{name}.json",
+                            {"meta": meta, "triton": rows, "cuda": cuda_rows},
+                            args.out / f"{name}.md", text)
     print(text)
     print(f"wrote {args.out / name}.json and .md")
     broken = [r for r in rows + cuda_rows if "error" in r or r.get("shared_fits") is False]

@@ -1,17 +1,26 @@
-"""canet.bench: routing-mix generators, the efficiency arithmetic, target verdicts and a
-``canet bench --quick`` run on a tiny shape (timings themselves are never asserted)."""
+"""canet.bench: routing-mix generators, the efficiency arithmetic, target verdicts, the
+timer, the dtype rule of the GPU benchmark's guard, and a ``canet bench --quick`` run on a tiny
+shape (timings themselves are never asserted)."""
 
 from __future__ import annotations
 
+import ast
+import copy
+import importlib.util
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from canet import Engine, RoutingSpace, bench
+from canet import CANet, Engine, RoutingSpace, bench
+from canet.flops import batch_flops
 
 SPACE = RoutingSpace()
+ROOT = Path(__file__).resolve().parents[1]
+BENCHES = ROOT / "benches"
 
 
 @pytest.fixture(autouse=True)
@@ -51,9 +60,10 @@ def test_paper_mix_costs_35_to_45_percent_of_the_largest():
     assert weights.sum().item() == pytest.approx(1.0)
     assert (weights @ fractions).item() == pytest.approx(bench.PAPER_FLOPS_FRACTION, abs=1e-6)
     ids = bench.make_config_ids("paper", 512, SPACE)
-    realised = bench.routed_flops(ids, SPACE, bench.SEQ_LEN, bench.NUM_ITEMS) / (
-        512 * bench.routed_flops(torch.tensor([SPACE.largest_id]), SPACE, bench.SEQ_LEN,
-                                 bench.NUM_ITEMS)
+    realised = batch_flops(bench.config_histogram(ids, SPACE), SPACE, bench.SEQ_LEN,
+                           bench.NUM_ITEMS) / (
+        512 * batch_flops(bench.config_histogram(torch.tensor([SPACE.largest_id]), SPACE),
+                          SPACE, bench.SEQ_LEN, bench.NUM_ITEMS)
     )
     assert 0.35 <= realised <= 0.45
     # Most users run a config cheaper than the mean cost: the FLOPs are skewed toward small.
@@ -74,7 +84,8 @@ def test_routed_flops_match_the_engine_count():
     ids = bench.make_config_ids("paper", 16, model.space, seq_len=5, num_items=20)
     engine = Engine(model, backend="torch")
     engine.score(bench.make_sequences(16, num_items=20, seq_len=5), ids)
-    assert engine.last_plan.flops == bench.routed_flops(ids, model.space, 5, 20)
+    assert engine.last_plan.flops == batch_flops(bench.config_histogram(ids, model.space),
+                                                 model.space, 5, 20)
 
 
 def test_efficiency_arithmetic_on_hand_made_timings():
@@ -177,3 +188,151 @@ def test_time_call_respects_the_minimum_repeats():
                              warmup_time=0.0)
     assert len(timing.times) == 4 and len(calls) == 5  # one warm-up call, four timed
     assert timing.median >= 0.0
+
+
+def test_time_repeats_counts_warmup_and_timed_calls_exactly():
+    calls = []
+    timing = bench.time_repeats(lambda: calls.append(1), 3, warmup_calls=0)
+    assert len(timing.times) == 3 and len(calls) == 3
+    timing = bench.time_repeats(lambda: calls.append(1), 2, warmup_calls=4)
+    assert len(timing.times) == 2 and len(calls) == 3 + 6
+    for bad in ({"clock": "gpu"}, {"min_repeats": 0}, {"warmup_calls": -1}):
+        with pytest.raises(ValueError):
+            bench.time_call(lambda: None, **bad)
+
+
+def test_cuda_clock_reads_event_pairs_after_a_synchronized_warmup(monkeypatch):
+    """The GPU scripts' timing path, with fake CUDA events: one device sync after the warm-up
+    (queued warm-up work is not timed), then per call the end event's wait and the event pair's
+    milliseconds, reported in seconds."""
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            log.append("record")
+
+        def synchronize(self):
+            log.append("wait")
+
+        def elapsed_time(self, end):
+            return 2.5  # milliseconds
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: log.append("sync"))
+    timing = bench.time_repeats(lambda: log.append("call"), 2, warmup_calls=1, clock="cuda")
+    assert timing.times == (0.0025, 0.0025) and timing.median == 0.0025
+    assert log == ["call", "sync"] + ["record", "call", "record", "wait"] * 2
+
+
+def test_committed_cpu_results_still_render_to_their_markdown():
+    """The report writer reads the committed JSON and writes the committed table unchanged."""
+    for path in sorted((BENCHES / "results").glob("cpu-*.json")):
+        report = json.loads(path.read_text())
+        assert bench.markdown(report) == path.with_suffix(".md").read_text(), path
+
+
+def test_only_the_entry_point_parses_arguments():
+    """``import canet.bench`` leaves the command line unimported; no other module of the
+    package uses argparse; benches/ scripts import canet.bench without sys.path edits."""
+    code = ("import sys, canet.bench; "
+            "assert 'canet.bench.__main__' not in sys.modules; print(canet.bench.main)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for path in sorted((ROOT / "canet" / "bench").glob("*.py")):
+        imported = {alias.name for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert ("argparse" in imported) == (path.name == "__main__.py"), path
+    for path in sorted(BENCHES.glob("*.py")):
+        assert "sys.path" not in path.read_text(), path
+
+
+def test_python_dash_m_canet_bench_help():
+    proc = subprocess.run([sys.executable, "-m", "canet.bench", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--quick" in proc.stdout, proc.stderr
+
+
+# -- the GPU benchmark's CPU-testable parts ---------------------------------------------------
+def load_script(name, monkeypatch):
+    """A fresh copy of benches/<name>.py (it needs no CUDA to import)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCHES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_bench_script_uses_the_one_dtype_map(monkeypatch):
+    for name in ("gpu_bench", "bench_ops_gpu", "kernel_report"):
+        assert load_script(name, monkeypatch).DTYPES is bench.DTYPES, name
+
+
+def test_gpu_bench_model_has_non_trivial_residual_scales(monkeypatch):
+    """The model's default 1e-8 residual scales make every block an identity, which would hide
+    any attention or FFN error from the benchmark's correctness check."""
+    gpu_bench = load_script("gpu_bench", monkeypatch)
+    model = gpu_bench.build_model(37, 6, SPACE, torch.float16, device="cpu")
+    scales = [p for name, p in model.named_parameters() if "res_scale" in name]
+    assert len(scales) == 2 * SPACE.max_depth
+    assert all(0.5 <= float(p) <= 1.0 for p in scales)
+    assert model.supernet.out.weight.dtype == torch.float16 and not model.training
+
+
+def _scaled_block_weights(model: CANet, part: str, factor: float) -> CANet:
+    """A copy of ``model`` whose ``part`` weights in every supernet block are off by
+    ``factor``: what a wrong attention or FFN kernel does."""
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in wrong.named_parameters():
+            if name.startswith("supernet.blocks.") and f".{part}.weight" in name:
+                param.mul_(factor)
+    return wrong
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("part", ["ffn.fc2", "attn.out"])
+def test_gpu_bench_guard_sees_errors_inside_the_blocks(monkeypatch, dtype, part):
+    """The torch backend stands in for the triton one. Right scores pass the guard; scores of
+    blocks 2% off pass the old guard (0.1 of the torch backend's largest score, on the default
+    init) and fail the new one (the dtype rule, on the benchmark's model)."""
+    gpu_bench = load_script("gpu_bench", monkeypatch)
+    seqs = bench.make_sequences(12, num_items=37, seq_len=6)
+    ids = bench.make_config_ids("uniform", 12, SPACE, seq_len=6, num_items=37)
+
+    model = gpu_bench.build_model(37, 6, SPACE, dtype, device="cpu")
+    right = Engine(model, backend="torch").score(seqs, ids)
+    fields = gpu_bench.check_cell_scores(right, model, seqs, ids)
+    assert fields["ok"] is True and fields["check"]["error"] <= fields["check"]["bound"]
+    wrong = Engine(_scaled_block_weights(model, part, 1.02), backend="torch").score(seqs, ids)
+    fields = gpu_bench.check_cell_scores(wrong, model, seqs, ids)
+    assert fields["ok"] is False, fields
+    assert bench.max_relative_error(wrong.float(), right.float()) <= 0.1  # the old tolerance
+
+    torch.manual_seed(0)
+    default_init = CANet(37, 6, SPACE).to(dtype).eval()
+    old_want = Engine(default_init, backend="torch").score(seqs, ids).float()
+    old_got = Engine(_scaled_block_weights(default_init, part, 1.02), backend="torch").score(
+        seqs, ids).float()
+    assert bench.max_relative_error(old_got, old_want) <= 0.1  # the old guard: passed
+    assert bench.max_relative_error(old_got, old_want) < 1e-6  # blocks were identities
+
+
+def test_score_check_rejects_mismatched_inputs():
+    model = bench.build_model(num_items=20, seq_len=5)
+    seqs = bench.make_sequences(3, num_items=20, seq_len=5)
+    ids = bench.make_config_ids("uniform", 3, model.space, seq_len=5, num_items=20)
+    with torch.inference_mode():
+        scores = model.score(seqs, ids)
+    with pytest.raises(ValueError, match="model's dtype"):
+        bench.check_scores(scores.half(), model, seqs, ids)
+    with pytest.raises(ValueError, match="one shape"):
+        bench.max_relative_error(scores[:, :5], scores)
+    nan = scores.clone()
+    nan[0, 3] = float("nan")
+    assert not bench.check_scores(nan, model, seqs, ids).ok

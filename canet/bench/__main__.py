@@ -1,0 +1,189 @@
+"""``canet bench`` / ``python -m canet.bench``: the command line of the CPU benchmark.
+
+Measures users/s of every way to score a batch of users (:mod:`canet.bench.measure`), for
+several routing mixes and batch sizes, prints the table and the target verdicts, and writes
+JSON + Markdown (+ PNG plots with ``--plot``). The only module of :mod:`canet.bench` that
+parses arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .. import backends as backend_registry
+from ..space import RoutingSpace
+from .analysis import MAX_REL_ERROR, evaluate_targets
+from .measure import run
+from .report import (
+    format_table,
+    format_targets,
+    machine_info,
+    markdown,
+    table_rows,
+    write_json_and_markdown,
+    write_plots,
+)
+from .workload import (
+    BATCHES,
+    DEFAULT_BACKENDS,
+    DEFAULT_SEED,
+    MIXES,
+    NUM_ITEMS,
+    PAPER_FLOPS_FRACTION,
+    SEQ_LEN,
+    available_backends,
+)
+
+__all__ = ["main"]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+    return values
+
+
+def _name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [n for n in names if n not in choices]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated subset of {','.join(choices)}, got {text!r}"
+            )
+        return list(dict.fromkeys(names))
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="canet bench",
+        description="Users/s of routed inference vs the dense and masked PyTorch paths.",
+    )
+    parser.add_argument("--batch", type=_int_list, default=",".join(map(str, BATCHES)),
+                        help="batch sizes (default: %(default)s)")
+    parser.add_argument("--mix", type=_name_list(MIXES), default=",".join(MIXES),
+                        help="routing mixes (default: %(default)s)")
+    parser.add_argument("--backends", type=_name_list(backend_registry.BACKENDS),
+                        default=",".join(DEFAULT_BACKENDS),
+                        help="engine backends; unavailable ones are skipped with the reason "
+                             "(default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON output; a .md table is written beside it "
+                             "(default: benches/results/cpu-<date>.json)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="DIR",
+                        help="also write PNG plots to DIR (needs matplotlib)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short timing budget (development; numbers are rough)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's current setting)")
+    parser.add_argument("--items", type=int, default=NUM_ITEMS,
+                        help="number of items N (default: %(default)s; change only to test)")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN,
+                        help="sequence length L (default: %(default)s; change only to test)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of model and inputs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``canet bench``: run, print the table and targets, write JSON + Markdown (+ plots)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            # Fail before minutes of measuring, not after.
+            print("canet bench: --plot needs matplotlib, which is not installed; "
+                  "run `pip install matplotlib` or drop --plot", file=sys.stderr)
+            return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.items < 1 or args.seq_len < 1:
+        parser.error("--items and --seq-len must be >= 1")
+
+    backends, skipped = available_backends(args.backends)
+    for name, why in skipped.items():
+        print(f"canet bench: skipping the {name} backend: {why}", file=sys.stderr)
+    min_time, min_repeats, warmup_time = (0.05, 1, 0.0) if args.quick else (1.0, 3, 0.2)
+    out = args.out or Path("benches/results") / f"cpu-{dt.date.today().isoformat()}.json"
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log(f"canet bench: N={args.items}, L={args.seq_len}, threads={torch.get_num_threads()}, "
+        f"backends={','.join(backends) or 'none'}{' (quick)' if args.quick else ''}")
+    cases, backends_run = run(
+        args.batch, args.mix, backends, args.items, args.seq_len, args.seed,
+        min_time, min_repeats, warmup_time, log,
+    )
+    space = RoutingSpace()
+    report = {
+        "schema": 1,
+        "machine": machine_info(),
+        "settings": {
+            "num_items": args.items,
+            "seq_len": args.seq_len,
+            "space": space.to_dict(),
+            "n_configs": space.n_configs,
+            "dtype": "float32",
+            "threads": torch.get_num_threads(),
+            "batches": args.batch,
+            "mixes": args.mix,
+            "backends_requested": args.backends,
+            "backends_run": backends_run,
+            "backends_skipped": skipped,
+            "paper_flops_fraction_target": PAPER_FLOPS_FRACTION,
+            "seed": args.seed,
+            "quick": args.quick,
+            "min_time": min_time,
+            "min_repeats": min_repeats,
+            "warmup_time": warmup_time,
+            "standard_shape": (args.items, args.seq_len) == (NUM_ITEMS, SEQ_LEN),
+        },
+        "results": cases,
+        "targets": evaluate_targets(cases, skipped),
+    }
+    machine = report["machine"]
+    print(f"canet bench: {machine['cpu_model']}, {machine['torch_threads']} torch threads, "
+          f"torch {machine['torch']}, N={args.items}, L={args.seq_len}"
+          + (" (quick: rough numbers)" if args.quick else ""))
+    for name, why in skipped.items():
+        print(f"{name} backend not measured: {why}")
+    header, rows = table_rows(cases, backends_run)
+    print(format_table(header, rows))
+    for case in cases:
+        for name, entry in case["backends"].items():
+            if entry["max_rel_error"] > MAX_REL_ERROR:
+                print(f"WARNING: {name} scores differ from model.score by "
+                      f"{entry['max_rel_error']:.1e} (relative) at {case['mix']} "
+                      f"B={case['batch']}")
+    print()
+    print("targets:")
+    for line in format_targets(report["targets"]):
+        print(f"  {line}")
+
+    md_path = out.with_suffix(".md")
+    write_json_and_markdown(out, report, md_path, markdown(report))
+    print(f"\nwrote {out} and {md_path}")
+    if args.plot is not None:
+        for path in write_plots(report, args.plot):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
