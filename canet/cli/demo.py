@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..bench.timing import time_repeats
 from ..checkpoint import load_checkpoint
 from ..config import TrainConfig, config_from_dict
 from ..data import build_dataset, read_interactions, synthetic_log
@@ -60,17 +61,6 @@ QUICK_SETTINGS: dict[str, Any] = {
     "eval_every": 1,
 }
 QUICK_DATA = {"num_users": 120, "num_items": 60, "seq_len": (6, 16)}
-
-
-def _time_call(function, repeats: int) -> float:
-    """Median wall time of ``function()`` in seconds, after one warm-up call."""
-    function()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
 
 
 def run_demo(
@@ -150,8 +140,8 @@ def _run_demo(
     largest = torch.full((seqs.shape[0],), canet_model.space.largest_id, dtype=torch.int64)
     repeats = 1 if quick else 5
     with torch.inference_mode():
-        routed_s = _time_call(lambda: engine.score(seqs), repeats)
-        dense_s = _time_call(lambda: canet_model.score(seqs, largest), repeats)
+        routed_s = time_repeats(lambda: engine.score(seqs), repeats).median
+        dense_s = time_repeats(lambda: canet_model.score(seqs, largest), repeats).median
     summary = {
         "data": source,
         "num_users": results["canet"]["num_users"],
