@@ -78,6 +78,18 @@ class TrainResult:
     skipped_steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def train_seconds(self) -> float:
+        """Seconds spent in training epochs (validation excluded), over the whole history."""
+        return sum(record.get("train_seconds", 0.0) for record in self.history)
+
+    @property
+    def targets_per_second(self) -> float:
+        """Real targets trained on per second of training epochs, over the whole history."""
+        seconds = self.train_seconds
+        targets = sum(record.get("targets", 0) for record in self.history)
+        return targets / seconds if seconds > 0 else math.nan
+
 
 def build_model(config: TrainConfig, num_items: int) -> CANet:
     """A freshly initialised CANet for ``num_items`` items (uses the global torch RNG)."""
@@ -515,7 +527,10 @@ def _epoch_line(
             + f")  tau {record['tau']:.3f}"
         )
     line += f"  lr {record['lr']:.2e}  skipped {record['skipped_steps']}"
-    line += f"  {record['train_seconds']:.1f}s"
+    line += (
+        f"  {record['train_seconds']:.1f}s ({record['steps_per_second']:.2f} steps/s, "
+        f"{record['targets_per_second']:,.0f} targets/s)"
+    )
     if validation is not None:
         best = " *" if run.best_epoch == record["epoch"] else ""
         line += f"  | valid ndcg@10 {validation['metrics']['ndcg@10']:.4f}{best}"

@@ -315,6 +315,8 @@ def test_epoch_records_report_throughput(tmp_path, data) -> None:
     assert math.isfinite(record["grad_norm"]) and record["grad_norm"] > 0
     state = load_training_state(tmp_path / "last")[0]
     assert state["history"][0]["targets_per_second"] == record["targets_per_second"]
+    assert result.train_seconds == record["train_seconds"]
+    assert result.targets_per_second == pytest.approx(record["targets_per_second"])
 
 
 def test_clip_grad_norm_bounds_every_update(tmp_path, data, monkeypatch) -> None:

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     print(
         f"done: {result.epochs_done} epochs, best valid ndcg@10 "
         f"{result.best_score if result.best_score is None else round(result.best_score, 4)} "
-        f"at epoch {result.best_epoch}, skipped steps {result.skipped_steps}"
+        f"at epoch {result.best_epoch}, skipped steps {result.skipped_steps}; training "
+        f"{result.train_seconds:.1f}s, {result.targets_per_second:,.0f} targets/s"
     )
     if not args.no_test and result.best_epoch is not None:
         loaded = ckpt.load_checkpoint(run_dir / "best")
