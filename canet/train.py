@@ -23,6 +23,7 @@ With ``fixed_config`` the step is plain CE through ``logits_sliced(seqs, config)
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -56,6 +57,7 @@ __all__ = [
     "TrainingDivergedError",
     "build_model",
     "step_loss",
+    "time_training",
     "train",
 ]
 
@@ -291,18 +293,25 @@ class _Run:
             ) from None
 
     # -- one epoch -----------------------------------------------------------------------------
-    def train_epoch(self) -> dict[str, Any]:
-        """One pass over the training windows. A step reads one value back to the host (the
-        fused finiteness check of its loss and total gradient norm); the logged sums stay on
-        the device until the epoch ends (and every PROGRESS_EVERY steps for the progress bar)."""
+    def train_epoch(self, max_steps: int | None = None, reference: bool = False) -> dict[str, Any]:
+        """One pass over the training windows (or its first ``max_steps`` batches: the batch
+        order is random, so they are a fair sample). A step reads one value back to the host
+        (the fused finiteness check of its loss and total gradient norm); the logged sums stay
+        on the device until the epoch ends (and every PROGRESS_EVERY steps for the progress
+        bar). ``reference``: the step as it was before issue 13, for benchmarks only (full
+        ``max_len`` batches in the plain shuffled order, logits at every position, every
+        gradient and logged value read back each step)."""
         config, model = self.config, self.model
         model.train()
         tau = config.tau(self.epoch)
         total = self.data.num_train_batches(config.batch_size)
         batches = self.data.train_batches(
-            config.batch_size, self.generators["data"], trim=True,
-            length_buckets=config.length_buckets,
+            config.batch_size, self.generators["data"], trim=not reference,
+            length_buckets=config.length_buckets and not reference,
         )
+        if max_steps is not None:
+            batches = itertools.islice(batches, max_steps)
+            total = min(total, max_steps)
         device = self.device
         sums = _DeviceSums(device, model.space.n_configs)
         steps, skipped, targets_seen = 0, 0, 0
@@ -324,7 +333,7 @@ class _Run:
             with autocast:
                 loss, parts, chosen = step_loss(
                     model, seqs, targets, config, tau, self.generators["noise"], self.fixed_id,
-                    target_positions=positions,
+                    target_positions=positions, all_positions=reference,
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -332,6 +341,9 @@ class _Run:
             norm = torch.nn.utils.get_total_norm(grads)
             if config.clip_grad_norm:
                 torch.nn.utils.clip_grads_with_norm_(parameters, config.clip_grad_norm, norm)
+            if reference:  # the old loop's host reads: each gradient and each logged value
+                _ = [bool(torch.isfinite(g).all()) for g in grads]
+                _ = [float(value) for value in parts.values()]
             if not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):  # the one sync
                 # Skip rather than step: one bad batch must not poison Adam's moments.
                 self.optimizer.zero_grad(set_to_none=True)
@@ -375,6 +387,28 @@ class _Run:
             exclude_history=self.config.exclude_history,
             batch_size=self.config.eval_batch_size, fixed_config_id=self.fixed_id,
         )
+
+
+def time_training(
+    config: TrainConfig,
+    data: SequenceData,
+    *,
+    steps: int | None = None,
+    reference_step: bool = False,
+) -> dict[str, Any]:
+    """Train a fresh model for one epoch (or its first ``steps`` batches) exactly as
+    :func:`train` does, without validation or checkpoints, and return the epoch's record
+    (``train_seconds``, ``steps``, ``targets``, ``steps_per_second``, ``targets_per_second``,
+    losses). ``reference_step``: the pre-issue-13 step (see ``_Run.train_epoch``), so that a
+    benchmark measures old and new side by side. For benchmarks (``canet bench --train``)."""
+    threads_before = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        run = _Run(config, data, Path(os.devnull), lambda _: None)
+        return run.train_epoch(max_steps=steps, reference=reference_step)
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 def _check_resumable(saved: TrainConfig, requested: TrainConfig, directory: Path) -> None:

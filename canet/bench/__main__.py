@@ -29,6 +29,7 @@ from .report import (
     write_json_and_markdown,
     write_plots,
 )
+from .training import TRAIN_ITEMS, TRAIN_USERS, measure_training, training_markdown
 from .workload import (
     BATCHES,
     DEFAULT_BACKENDS,
@@ -88,8 +89,24 @@ def _parser() -> argparse.ArgumentParser:
                         help="short timing budget (development; numbers are rough)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's current setting)")
-    parser.add_argument("--items", type=int, default=NUM_ITEMS,
-                        help="number of items N (default: %(default)s; change only to test)")
+    parser.add_argument("--items", type=int, default=None,
+                        help=f"number of items N (default: {NUM_ITEMS}; with --train "
+                             f"{TRAIN_ITEMS}; change only to test)")
+    train = parser.add_argument_group(
+        "training throughput (--train)",
+        "one epoch (or its first steps) of CANet and the full-size model, new step vs the "
+        "pre-issue-13 step, on a seeded synthetic log; reports seconds per epoch, targets/s "
+        "and the fraction of the FLOP limit (canet/bench/training.py)")
+    train.add_argument("--train", action="store_true",
+                       help="measure training instead of inference")
+    train.add_argument("--users", type=int, default=TRAIN_USERS,
+                       help="users of the synthetic log (default: %(default)s)")
+    train.add_argument("--steps", type=int, default=30,
+                       help="batches timed with the new step; 0 = a whole epoch "
+                            "(default: %(default)s)")
+    train.add_argument("--old-steps", type=int, default=5,
+                       help="batches timed with the old step; 0 = a whole epoch "
+                            "(default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN,
                         help="sequence length L (default: %(default)s; change only to test)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of model and inputs")
@@ -112,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if args.items < 1 or args.seq_len < 1:
+    if args.items is not None and args.items < 1 or args.seq_len < 1:
         parser.error("--items and --seq-len must be >= 1")
+    if args.train:
+        return _main_train(args, parser)
+    args.items = args.items or NUM_ITEMS
 
     backends, skipped = available_backends(args.backends)
     for name, why in skipped.items():
@@ -182,6 +202,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot is not None:
         for path in write_plots(report, args.plot):
             print(f"wrote {path}")
+    return 0
+
+
+def _main_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``canet bench --train``: the training-throughput table, JSON + Markdown."""
+    if args.users < 10 or args.steps < 0 or args.old_steps < 0:
+        parser.error("--users must be >= 10, --steps and --old-steps >= 0")
+    out = args.out or Path("benches/results") / f"train-cpu-{dt.date.today().isoformat()}.json"
+    report = measure_training(
+        threads=torch.get_num_threads(), num_users=args.users,
+        num_items=args.items or TRAIN_ITEMS, steps=args.steps or None,
+        old_steps=args.old_steps or None, seed=args.seed,
+        log=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    report = {"schema": 1, "kind": "training", "machine": machine_info(), **report}
+    text = training_markdown(report, report["machine"])
+    print(text)
+    md_path = out.with_suffix(".md")
+    write_json_and_markdown(out, report, md_path, text)
+    print(f"wrote {out} and {md_path}")
     return 0
 
 
