@@ -336,3 +336,52 @@ def test_score_check_rejects_mismatched_inputs():
     nan = scores.clone()
     nan[0, 3] = float("nan")
     assert not bench.check_scores(nan, model, seqs, ids).ok
+
+
+# -- training throughput (canet bench --train) -----------------------------------------------
+
+
+def test_training_log_is_seeded_and_heavy_tailed() -> None:
+    from canet.bench.training import training_log
+
+    a, b = training_log(2000, 500, seed=3), training_log(2000, 500, seed=3)
+    assert (a.users == b.users).all() and (a.items == b.items).all()
+    assert not (training_log(2000, 500, seed=4).items[:100] == a.items[:100]).all()
+    _, counts = np.unique(a.users.astype(str), return_counts=True)
+    assert counts.min() >= 5 and 7 <= counts.mean() <= 11 and counts.max() > 50
+
+
+def test_measure_training_reports_every_run_and_the_flop_fraction(monkeypatch) -> None:
+    from canet.bench import training
+
+    monkeypatch.setattr(training, "gemm_flops_per_second", lambda *a, **k: 1e10)
+    report = training.measure_training(threads=1, num_users=60, num_items=40, steps=2,
+                                       old_steps=1)
+    runs = {(r["model"], r["path"]): r for r in report["runs"]}
+    assert set(runs) == {("canet", "new"), ("canet", "old"), ("full", "new"), ("full", "old")}
+    per_target = report["per_target_flops"]
+    largest = RoutingSpace().configs[-1]
+    assert per_target == 3 * canet.flops(largest, 1, report["settings"]["items"])
+    for run in runs.values():
+        assert run["steps"] == (2 if run["path"] == "new" else 1)
+        assert run["flop_fraction"] == pytest.approx(run["targets_per_second"] * per_target / 1e10)
+        assert run["epoch_seconds"] == pytest.approx(
+            run["seconds"] / run["steps"] * report["settings"]["epoch_batches"]
+        )
+    # Old and new steps train on the same real targets: the new one only skips padding.
+    assert {t["name"] for t in report["targets"]} == {
+        "full-size epoch: fraction of the FLOP limit", "CANet epoch / full-size epoch"
+    }
+    assert "| canet | new |" in training.training_markdown(report, {"cpu_model": "x"})
+
+
+def test_canet_bench_train_writes_json_and_markdown(tmp_path, monkeypatch) -> None:
+    from canet.bench import training
+
+    monkeypatch.setattr(training, "gemm_flops_per_second", lambda *a, **k: 1e10)
+    out = tmp_path / "train.json"
+    assert bench.main(["--train", "--users", "40", "--items", "30", "--steps", "1",
+                       "--old-steps", "1", "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["kind"] == "training" and len(report["runs"]) == 4
+    assert out.with_suffix(".md").read_text().startswith("# Training throughput")
