@@ -340,3 +340,30 @@ def test_recommend_with_given_configs_and_extra_exclusions(backend):
         assert item not in ids[row].tolist()
     with pytest.raises(ValueError, match="exclude"):
         engine.recommend(seqs, k=3, exclude=(torch.tensor([5]), torch.tensor([1])))
+
+
+@pytest.mark.parametrize("name", backends.BACKENDS)
+def test_capability_flags_promise_their_methods(name):
+    # The engine reads the flags, never probes methods: each flag must match what the class
+    # implements (the base class's versions refuse).
+    cls = backends.backend_class(name)
+    base = backends.Backend
+    promised = {
+        "PLANS_ON_DEVICE": ("scores_from_ids",),
+        "CAPTURABLE": ("capture",),
+        "LAST_HIDDEN": ("last_hidden", "output_layer"),
+    }
+    for flag, methods in promised.items():
+        assert getattr(cls, flag) is all(getattr(cls, m) is not getattr(base, m) for m in methods)
+    assert cls.NAME == name and cls.DTYPES
+
+
+def test_engine_follows_the_flags_and_missing_capabilities_say_which(monkeypatch):
+    engine = Engine(make_model(torch.float32), backend="torch")
+    seqs, ids = batch(3, 1), torch.tensor([0, 4, 35])
+    with pytest.raises(BackendUnavailableError, match="the torch backend has no last_hidden"):
+        engine._impl.last_hidden(seqs, None)
+    sentinel = torch.zeros(3, NUM_ITEMS + 1)
+    monkeypatch.setattr(engine._impl, "PLANS_ON_DEVICE", True)
+    monkeypatch.setattr(engine._impl, "scores_from_ids", lambda s, i: sentinel)
+    assert engine.score(seqs, ids) is sentinel

@@ -30,7 +30,7 @@ def test_every_backend_is_listed_on_cpu_with_the_reason_when_unavailable():
     for name, why in backends.availability("cpu").items():
         assert facts[f"backend {name} on cpu"] == ("available" if why is None else f"no: {why}")
     assert facts["backend torch on cpu"] == "available"
-    assert "CUDA device" in facts["backend triton on cpu"]
+    assert "CUDA tensors only" in facts["backend triton on cpu"]
 
 
 def test_main_prints_the_backends(capsys):

@@ -15,8 +15,10 @@ import torch
 
 from .base import Backend, BackendUnavailableError
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "availability", "backend_class", "create",
-           "resolve"]
+__all__ = [
+    "BACKENDS", "Backend", "BackendUnavailableError", "availability", "backend_class", "create",
+    "resolve",
+]
 
 BACKENDS: tuple[str, ...] = ("torch", "cpu", "triton")
 _MODULES = {

@@ -4,7 +4,8 @@ A backend is a class (xformers-style) whose class attributes say what it can do,
 and :mod:`canet.backends` read them instead of probing methods:
 
 * ``NAME``: the name users pass to ``Engine(backend=...)``.
-* ``DEVICE_TYPES``: the ``torch.device.type`` values it runs on (None: any).
+* ``DEVICE_TYPES``: the ``torch.device.type`` values it runs on (None: any), and
+  ``DEVICE_HINT``, what to do on another device.
 * ``DTYPES``: the compute dtypes it supports.
 * ``PLANS_ON_DEVICE``: :meth:`Backend.scores_from_ids` builds the plan itself from config ids,
   without a host sync (the engine then never builds a plan for it).
@@ -57,6 +58,7 @@ class Backend:
 
     NAME: ClassVar[str] = ""
     DEVICE_TYPES: ClassVar[tuple[str, ...] | None] = ()
+    DEVICE_HINT: ClassVar[str] = ""
     DTYPES: ClassVar[tuple[torch.dtype, ...]] = ()
     PLANS_ON_DEVICE: ClassVar[bool] = False
     CAPTURABLE: ClassVar[bool] = False
@@ -85,7 +87,11 @@ class Backend:
     @classmethod
     def _device_reason(cls, device: torch.device) -> str:
         """Why ``device`` (whose type is not in DEVICE_TYPES) is refused, and what to do."""
-        return f"the {cls.NAME} backend runs on {'/'.join(cls.DEVICE_TYPES)} devices, not {device}"
+        types = "/".join(t.upper() for t in cls.DEVICE_TYPES or ())
+        return (
+            f"the {cls.NAME} backend runs on {types} tensors only, and the model is on "
+            f"{device}; {cls.DEVICE_HINT}"
+        )
 
     @classmethod
     def _install_reasons(cls, device: torch.device) -> list[str]:

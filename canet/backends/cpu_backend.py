@@ -35,15 +35,9 @@ class Backend(base.Backend):
 
     NAME = "cpu"
     DEVICE_TYPES = ("cpu",)
+    DEVICE_HINT = "move it with model.cpu() to use it"
     DTYPES = (torch.float32, torch.float64)
     LAST_HIDDEN = True
-
-    @classmethod
-    def _device_reason(cls, device: torch.device) -> str:
-        return (
-            f"the cpu backend runs on CPU tensors only, and the model is on {device}; "
-            "move it with model.cpu() to use it"
-        )
 
     @classmethod
     def _install_reasons(cls, device: torch.device) -> list[str]:

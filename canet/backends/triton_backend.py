@@ -125,17 +125,13 @@ class Backend(base.Backend):
 
     NAME = "triton"
     DEVICE_TYPES = ("cuda",)
+    DEVICE_HINT = (
+        "move it with model.cuda() to use it (tests reach it on CPU through "
+        "canet.backends.triton_backend.Backend with TRITON_INTERPRET=1)"
+    )
     DTYPES = (torch.float32, torch.float16, torch.bfloat16)
     PLANS_ON_DEVICE = True
     CAPTURABLE = True
-
-    @classmethod
-    def _device_reason(cls, device: torch.device) -> str:
-        return (
-            f"the triton backend needs a CUDA device, got {device.type!r} "
-            "(tests reach it on CPU through canet.backends.triton_backend.Backend with "
-            "TRITON_INTERPRET=1)"
-        )
 
     @classmethod
     def _install_reasons(cls, device: torch.device) -> list[str]:
