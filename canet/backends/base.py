@@ -20,6 +20,7 @@ cannot run there (empty: usable); a backend refuses to be built with the same re
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -42,7 +43,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class Backend:
+class Backend(ABC):
     """Base of the engine backends: routed inference over a CANet's canonical state_dict.
 
     Subclasses set the class attributes, implement :meth:`route` and :meth:`scores`, and the
@@ -114,18 +115,21 @@ class Backend:
             )
 
     # -- every backend ---------------------------------------------------------------------
+    @abstractmethod
     def route(self, seqs: Tensor) -> Tensor:
         """Argmax routing. seqs ``[B, L]`` int64 (validated by the caller) -> config ids ``[B]``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def scores(self, seqs: Tensor, plan: Plan) -> Tensor:
         """Scores ``[B, N+1]`` (users in input order, column 0 = -inf) following ``plan``.
         seqs ``[B, L]`` int64, validated by the caller."""
-        raise NotImplementedError
 
     # -- by capability ---------------------------------------------------------------------
-    def _lacks(self, what: str) -> BackendUnavailableError:
-        return BackendUnavailableError(f"the {self.NAME} backend has no {what}")
+    def _lacks(self, what: str, flag: str) -> BackendUnavailableError:
+        return BackendUnavailableError(
+            f"the {self.NAME} backend has no {what} (its {flag} capability is off); "
+            "canet.backends.availability() lists the backends this install can run"
+        )
 
     def scores_from_ids(
         self, seqs: Tensor, config_ids: Tensor, out: Tensor | None = None
@@ -133,20 +137,20 @@ class Backend:
         """(PLANS_ON_DEVICE) Scores ``[B, N+1]`` with the plan built on the device from
         config ids ``[B]`` int64 (in range: not checked, that would sync); ``out`` is written
         when given."""
-        raise self._lacks("device-side plan (scores_from_ids)")
+        raise self._lacks("device-side plan (scores_from_ids)", "PLANS_ON_DEVICE")
 
     def capture(self, batch_size: int, routed: bool = True) -> Callable[..., Tensor]:
         """(CAPTURABLE) The whole forward for ``batch_size`` users in one CUDA graph."""
-        raise self._lacks("CUDA-graph capture")
+        raise self._lacks("CUDA-graph capture", "CAPTURABLE")
 
     def last_hidden(self, seqs: Tensor, plan: Plan) -> Tensor:
         """(LAST_HIDDEN) The last position's hidden states ``[B, H]`` (input order), zero past
         each user's hidden size: :meth:`scores` without the output layer."""
-        raise self._lacks("last_hidden")
+        raise self._lacks("last_hidden", "LAST_HIDDEN")
 
     def output_layer(self) -> tuple[Tensor, Tensor]:
         """(LAST_HIDDEN) The output layer's weight ``[N+1, H]`` and bias ``[N+1]``."""
-        raise self._lacks("output_layer")
+        raise self._lacks("output_layer", "LAST_HIDDEN")
 
 
 def capture_cuda_graph(

@@ -26,6 +26,8 @@ def module_over(arch: dict, state: dict[str, Tensor]) -> CANet:
 
 
 class Backend(base.Backend):
+    """The plan run group by group through the PyTorch model's sliced path (the oracle)."""
+
     NAME = "torch"
     DEVICE_TYPES = None  # any device PyTorch runs on
     DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
