@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
+from .errors import CanetError
+
 __all__ = [
     "ExtensionUnavailableError",
     "OPS",
@@ -41,8 +43,10 @@ _module: ModuleType | None = None
 _reason: str | None = None
 
 
-class ExtensionUnavailableError(RuntimeError):
-    """The native extension ``canet._C`` is needed but could not be loaded."""
+class ExtensionUnavailableError(CanetError, RuntimeError):
+    """The native extension ``canet._C`` is needed but could not be loaded. A CanetError, so
+    a command prints its one-line message (what needed it, why it is missing, how to get it)
+    instead of a traceback."""
 
 
 def _no_ext_requested() -> bool:

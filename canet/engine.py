@@ -66,8 +66,8 @@ class Engine:
         model: a CANet; the engine reads its state_dict (the canonical schema) and keeps
             references to those tensors, no second copy (unless ``dtype`` asks for another
             precision). Later in-place updates of the model's weights are seen by the engine.
-        backend: "auto" | "torch" | "cpu" | "triton" | "cuda". "auto" picks cuda, then triton
-            on a GPU, cpu on a CPU, and falls back to torch with a one-time warning.
+        backend: "auto" | "torch" | "cpu" | "triton". "auto" picks triton on a GPU, cpu on a
+            CPU, and falls back to torch with a one-time warning.
         dtype: compute dtype (default: the model's).
         max_score_elements: bound on the (user, item) scores ``recommend`` holds at once
             (where it builds them: see :meth:`recommend`).
@@ -122,10 +122,7 @@ class Engine:
         """Routing histogram, groups and FLOPs of the last batch (None before the first)."""
         if self._last_plan is None and self._last_batch is not None:
             config_ids, routed = self._last_batch
-            plan = ops.plan(
-                config_ids, self._table, check_ids=False, max_depth=self.space.max_depth
-            )
-            self._last_plan = self._summarize(plan, routed)
+            self._last_plan = self._summarize(self._plan(config_ids), routed)
         return self._last_plan
 
     def route(self, seqs: Tensor) -> Tensor:
@@ -138,6 +135,12 @@ class Engine:
         """Scores ``[B, N+1]`` equal to ``model.score(seqs, config_ids)``; column 0 is -inf.
 
         seqs ``[B, L]`` left-padded item ids; config_ids ``[B]`` or None (the router decides).
+
+        On a GPU this call is not free of host syncs: validating ``seqs`` (and ``config_ids``)
+        reads their values back to the host (``check_sequences``), which waits for the work
+        queued before it, and the torch backend reads each group's size back as well.
+        :meth:`capture` is the sync-free path (backends with ``CAPTURABLE``: triton): one CUDA
+        graph per batch size whose inputs are not validated.
         """
         seqs = self._check(seqs)
         with torch.inference_mode():
@@ -151,13 +154,12 @@ class Engine:
         ``captured(seqs, config_ids)``; its inputs are NOT validated (validation reads values
         back to the host, which a graph cannot do), and its output buffer is reused by the
         next call."""
-        capture = getattr(self._impl, "capture", None)
-        if capture is None:
+        if not self._impl.CAPTURABLE:
             raise backends.BackendUnavailableError(
                 f"capture needs a backend that plans on the device (triton on a CUDA GPU); "
                 f"this engine runs the {self.backend!r} backend on {self.device}"
             )
-        return capture(batch_size, routed=routed)
+        return self._impl.capture(batch_size, routed=routed)
 
     def recommend(
         self,
@@ -202,10 +204,7 @@ class Engine:
                 )
         with torch.inference_mode():
             config_ids, routed = self._config_ids(seqs, config_ids)
-            if self._fused_top_k(k, seqs, exclude):
-                ids, scores = self._recommend_fused(seqs, config_ids, k, exclude_history, exclude)
-            else:
-                ids, scores = self._recommend_dense(seqs, config_ids, k, exclude_history, exclude)
+            ids, scores = self._top_k(seqs, config_ids, k, exclude_history, exclude)
             self._remember(config_ids, routed)
             # A -inf (or, fused, NaN) score is no candidate: topk fills a short list with
             # excluded columns, score_topk with -inf slots. Never return their ids.
@@ -218,7 +217,7 @@ class Engine:
         # keep the dense path until a GPU run measures canet::score_topk there. The exclusion
         # table is [B, L + most extra pairs of one user]: past max_score_elements, dense.
         if not (
-            hasattr(self._impl, "last_hidden")
+            self._impl.LAST_HIDDEN
             and k <= ops.SCORE_TOPK_MAX_K
             and _ext.has_kernel("score_topk", self.device.type)
             and _ext.has_kernel("routed_last_hidden", self.device.type)
@@ -229,7 +228,7 @@ class Engine:
             width += int(torch.bincount(exclude[0]).max())
         return seqs.shape[0] * width <= self.max_score_elements
 
-    def _recommend_fused(
+    def _top_k(
         self,
         seqs: Tensor,
         config_ids: Tensor,
@@ -237,21 +236,14 @@ class Engine:
         exclude_history: bool,
         exclude: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, Tensor]:
-        plan = ops.plan(config_ids, self._table, check_ids=False, max_depth=self.space.max_depth)
-        hidden = self._impl.last_hidden(seqs, plan)
-        weight, bias = self._impl.output_layer()
-        history = _exclusions(seqs, exclude_history, exclude)
-        sizes = self._table[config_ids, 1]
-        return ops.score_topk(hidden, sizes, weight, bias, history, k, check_values=False)
-
-    def _recommend_dense(
-        self,
-        seqs: Tensor,
-        config_ids: Tensor,
-        k: int,
-        exclude_history: bool,
-        exclude: tuple[Tensor, Tensor] | None,
-    ) -> tuple[Tensor, Tensor]:
+        """(ids ``[B, k]``, scores ``[B, k]``) of :meth:`recommend`, fused where
+        :meth:`_fused_top_k` allows, else from score chunks and ``torch.topk``."""
+        if self._fused_top_k(k, seqs, exclude):
+            hidden = self._impl.last_hidden(seqs, self._plan(config_ids))
+            weight, bias = self._impl.output_layer()
+            history = _exclusions(seqs, exclude_history, exclude)
+            sizes = self._table[config_ids, 1]
+            return ops.score_topk(hidden, sizes, weight, bias, history, k, check_values=False)
         chunk = max(1, self.max_score_elements // (self.num_items + 1))
         ids, values = [], []
         for start in range(0, seqs.shape[0], chunk):
@@ -278,11 +270,13 @@ class Engine:
 
     def _scores(self, seqs: Tensor, config_ids: Tensor) -> Tensor:
         # Backends that build the plan on the device take the ids directly (no host sync).
-        from_ids = getattr(self._impl, "scores_from_ids", None)
-        if from_ids is not None:
-            return from_ids(seqs, config_ids)
-        plan = ops.plan(config_ids, self._table, check_ids=False, max_depth=self.space.max_depth)
-        return self._impl.scores(seqs, plan)
+        if self._impl.PLANS_ON_DEVICE:
+            return self._impl.scores_from_ids(seqs, config_ids)
+        return self._impl.scores(seqs, self._plan(config_ids))
+
+    def _plan(self, config_ids: Tensor) -> ops.Plan:
+        # Ids come from the router or check_config_ids: in range, so no range check (a sync).
+        return ops.plan(config_ids, self._table, check_ids=False, max_depth=self.space.max_depth)
 
     def _remember(self, config_ids: Tensor, routed: bool) -> None:
         self._last_batch = (config_ids, routed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 import sys
@@ -10,25 +9,19 @@ import sys
 __all__ = ["collect", "main"]
 
 
-def _triton_version() -> str:
-    try:
-        return importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def collect() -> dict[str, object]:
     """Facts about the install, as a dict of printable values (touches CUDA)."""
     import torch
 
-    from canet import _ext
+    from canet import _ext, backends
     from canet._version import __version__
+    from canet.backends.triton_backend import triton_version
 
     info: dict[str, object] = {
         "canet": __version__,
         "python": f"{platform.python_version()} ({sys.executable})",
         "torch": f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})",
-        "triton": _triton_version(),
+        "triton": triton_version() or "not installed",
     }
     if _ext.available():
         build = _ext.build_info()
@@ -50,6 +43,10 @@ def collect() -> dict[str, object]:
         info["CUDA devices"] = "; ".join(f"{i}: {n}" for i, n in enumerate(names))
     else:
         info["CUDA devices"] = "none"
+    # Every engine backend on each device this torch can use: "available", or why not.
+    for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        for name, why in backends.availability(device).items():
+            info[f"backend {name} on {device}"] = "available" if why is None else f"no: {why}"
     return info
 
 

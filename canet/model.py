@@ -34,7 +34,9 @@ from torch import Tensor, nn
 from .checks import check_choice, check_config_ids, check_sequences
 from .space import Config, RoutingSpace
 
-__all__ = ["CANet", "Supernet", "Router", "Block", "LN_EPS", "RESIDUAL_SCALE_INIT"]
+__all__ = [
+    "BLOCK_PARAMS", "CANet", "Supernet", "Router", "Block", "LN_EPS", "RESIDUAL_SCALE_INIT",
+]
 
 LN_EPS = 1e-5
 RESIDUAL_SCALE_INIT = 1e-8  # as the paper's code: blocks start as (almost) identities
@@ -54,8 +56,23 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(4 * width, width)
 
 
+# The parameters of one Block (names relative to the block), in the order the native ops read
+# them from their weight list: the 12 tensors, then the 2 residual scales (0-d; a block without
+# residual scaling passes ones). csrc/cpu/routed_forward.cpp (block_at) spells the same list;
+# tests/test_build.py checks that the two agree.
+BLOCK_PARAMS: tuple[str, ...] = (
+    "attn.qkv.weight", "attn.qkv.bias", "attn.out.weight", "attn.out.bias",
+    "ln1.weight", "ln1.bias", "ffn.fc1.weight", "ffn.fc1.bias",
+    "ffn.fc2.weight", "ffn.fc2.bias", "ln2.weight", "ln2.bias",
+    "res_scale1", "res_scale2",
+)
+
+
 class Block(nn.Module):
-    """Post-LN transformer block at max width; sub-networks use prefixes of its weights."""
+    """Post-LN transformer block at max width; sub-networks use prefixes of its weights.
+
+    Its parameters are :data:`BLOCK_PARAMS` (without the residual scales when
+    ``residual_scaling`` is off)."""
 
     def __init__(self, width: int, residual_scaling: bool = True) -> None:
         super().__init__()
@@ -256,7 +273,7 @@ class Supernet(nn.Module):
             x = block_sliced(block, x, h, self.space.heads, allowed, self.dropout, self.training)
         return x
 
-    def hidden_last(self, seqs: Tensor, config: Config) -> Tensor:
+    def last_hidden(self, seqs: Tensor, config: Config) -> Tensor:
         """Last-position hidden state of one sub-network, computing only what it needs: the final
         block runs its queries, FFN and norms on the last row alone. ``[B, L]`` -> ``[B, h]``."""
         h, e = config.hidden, config.emb
@@ -269,6 +286,8 @@ class Supernet(nn.Module):
                 last_only=i == depth - 1,
             )
         return x[:, -1]
+
+    hidden_last = last_hidden  # the old name (canet.losses and benches/gpu_bench.py call it)
 
     def hidden_masked(self, seqs: Tensor, choice: Tensor) -> Tensor:
         """Hidden states of the masked path. seqs ``[B, L]``, choice ``[B, C]`` (straight-through

@@ -93,15 +93,9 @@ def plan_reference(
     check_ids: bool = True,
     max_depth: int | None = None,
 ) -> Plan:
-    """Pure-PyTorch :func:`plan` (composite-key stable sorts); same contract and results.
-
-    Args:
-        config_ids: [B] int64 in [0, C), config of each user.
-        config_table: [C, 3] int64, row c = (depth, hidden, emb) of config c, same device.
-        check_ids: check the ids' range (one device->host sync on GPU tensors).
-        max_depth: accepted for the same signature as :func:`plan`; the reference reads it
-            from the table.
-    """
+    """Pure-PyTorch :func:`plan` (composite-key stable sorts): the same arguments, checks
+    and results; the test oracle. ``max_depth`` is validated as there, but the reference
+    reads the depth from the table (config_table ``[C, 3]``, config_ids ``[B]``)."""
     _validate(config_ids, config_table, check_ids, max_depth)
     device = config_ids.device
     num_configs = config_table.shape[0]

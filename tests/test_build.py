@@ -130,6 +130,26 @@ def test_extension_loads_and_registers_plan() -> None:
     assert torch._C._dispatch_has_kernel_for_dispatch_key("canet::plan", "CPU")
 
 
+def test_missing_extension_is_a_one_line_canet_error() -> None:
+    # Commands print a CanetError as one line (``canet: error: ...``); any other exception
+    # escapes as a traceback.
+    proc = run_python(
+        """
+        from canet import _ext
+        from canet.errors import CanetError
+        try:
+            _ext.require("the test")
+        except CanetError as error:
+            assert isinstance(error, RuntimeError)  # what it was before
+            print("caught:", error)
+        """,
+        CANET_NO_EXT="1",
+    )
+    assert_ok(proc)
+    assert "caught: the test needs the native extension canet._C" in proc.stdout
+    assert "CANET_NO_EXT" in proc.stdout
+
+
 def test_info_runs_and_names_plan() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "canet.info"], cwd=ROOT, capture_output=True, text=True, timeout=300
@@ -137,6 +157,35 @@ def test_info_runs_and_names_plan() -> None:
     assert_ok(proc)
     for word in ("canet", "torch", "triton", "extension", "CPU ops", "CUDA ops", "canet::plan"):
         assert word in proc.stdout, f"{word!r} missing from:\n{proc.stdout}"
+
+
+def test_block_weight_order_of_the_native_op_is_block_params() -> None:
+    # The native ops read a block's tensors by position; csrc/cpu/routed_forward.cpp names
+    # them once (block_at's `names`, used in its shape errors) and canet.model.BLOCK_PARAMS is
+    # what the cpu backend passes. Parse the C++ list from the source and compare.
+    import re
+
+    from canet.model import BLOCK_PARAMS
+
+    source = (ROOT / "csrc" / "cpu" / "routed_forward.cpp").read_text()
+    count = re.search(r"constexpr int64_t kTensorsPerBlock = (\d+);", source)
+    names = re.search(r"static const char\* names\[kTensorsPerBlock\] = \{(.*?)\};", source, re.S)
+    assert count and names, "routed_forward.cpp: kTensorsPerBlock or block_at's names not found"
+    assert tuple(re.findall(r'"([^"]+)"', names.group(1))) == BLOCK_PARAMS
+    assert int(count.group(1)) == len(BLOCK_PARAMS)
+    # The op schema's comment in ops.cpp gives the same count.
+    ops = (ROOT / "csrc" / "ops.cpp").read_text()
+    assert f"{len(BLOCK_PARAMS)} per block" in ops and f"the {len(BLOCK_PARAMS)} block" in ops
+
+
+def test_block_params_are_a_blocks_parameters() -> None:
+    from canet.model import BLOCK_PARAMS, Block
+
+    assert len(set(BLOCK_PARAMS)) == len(BLOCK_PARAMS) == 14
+    assert set(BLOCK_PARAMS) == {name for name, _ in Block(8).named_parameters()}
+    assert set(BLOCK_PARAMS) - {"res_scale1", "res_scale2"} == {
+        name for name, _ in Block(8, residual_scaling=False).named_parameters()
+    }
 
 
 def test_version_is_single_sourced() -> None:

@@ -9,6 +9,7 @@ import torch
 from test_engine import MAX_LEN, NUM_ITEMS, batch, make_model, reference, relative_error
 
 from canet import Engine, RoutingSpace, _ext, backends
+from canet.backends import BackendUnavailableError
 from canet.ops import plan
 
 pytestmark = pytest.mark.skipif(
@@ -150,7 +151,7 @@ def test_without_residual_scaling():
 # -- last hidden states and the fused recommend -----------------------------------------------
 @pytest.mark.parametrize("space", [None, RoutingSpace(depths=(1, 3), hidden=(8, 24), emb=(4, 12))])
 def test_last_hidden_matches_model(space):
-    # Input order, each user's first h columns equal to Supernet.hidden_last of its config,
+    # Input order, each user's first h columns equal to Supernet.last_hidden of its config,
     # zeros after them; in the default space and an odd one (depth 1: last-only from the start).
     model = make_model(torch.float64, space=space)
     engine = Engine(model, backend="cpu")
@@ -162,7 +163,7 @@ def test_last_hidden_matches_model(space):
     with torch.no_grad():
         for u, config_id in enumerate(ids.tolist()):
             config = model.space.configs[config_id]
-            want = model.supernet.hidden_last(seqs[u : u + 1], config)[0]
+            want = model.supernet.last_hidden(seqs[u : u + 1], config)[0]
             torch.testing.assert_close(got[u, : config.hidden], want, rtol=1e-11, atol=1e-12)
             assert not got[u, config.hidden :].any()
 
@@ -348,6 +349,15 @@ def test_router_logits_rejects_bad_input(engine64):
 def test_requirements_say_why_and_how():
     from canet.backends import cpu_backend
 
-    assert cpu_backend.requirements(torch.device("cpu")) is None
-    why = cpu_backend.requirements(torch.device("meta"))
+    assert cpu_backend.Backend.not_supported_reasons(torch.device("cpu")) == []
+    (why,) = cpu_backend.Backend.not_supported_reasons(torch.device("meta"))
     assert "CPU tensors only" in why and "meta" in why
+    # One refusal type whatever the backend: the engine's, a CanetError.
+    model = make_model(torch.float32)
+    meta = {k: v.to("meta") for k, v in model.state_dict().items()}
+    with pytest.raises(BackendUnavailableError, match="CPU tensors only"):
+        cpu_backend.Backend(model.arch, meta, torch.device("meta"))
+    with pytest.raises(BackendUnavailableError, match="float32, float64, not float16"):
+        cpu_backend.Backend(
+            model.arch, {k: v.half() for k, v in model.state_dict().items()}, torch.device("cpu")
+        )

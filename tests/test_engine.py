@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -51,6 +53,36 @@ def reference(model, seqs, config_ids=None):
         return model.score(seqs, config_ids)
 
 
+def assert_rounding_like_pytorch(got, model, compute, dtype=torch.float32, atol=1e-6):
+    """The issue's rule for a result ``got`` in ``dtype``: its error against a float64
+    reference of the same weights rounded to ``dtype`` is at most 2x the error of PyTorch's
+    ``compute(model)`` in that dtype, + ``atol`` (errors relative to the largest value).
+
+    A fixed tolerance cannot judge this: eight blocks of random weights amplify rounding, so in
+    float32 both errors come near 1e-5, varying with the batch and the thread count.
+    ``compute(model)`` returns the tensor ``got`` stands for, finite values only."""
+    rounded = copy.deepcopy(model).to(dtype)
+    want = compute(copy.deepcopy(rounded).double())
+    baseline = _max_relative(compute(rounded), want)
+    error = _max_relative(got, want)
+    assert error <= 2 * baseline + atol, (
+        f"{dtype}: error {error:.3g} > 2 x PyTorch's {baseline:.3g} + {atol:g}"
+    )
+
+
+def _max_relative(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+def check_against_reference(got, model, seqs, ids, dtype=torch.float32, atol=1e-6):
+    """Scores ``got [B, N+1]`` in ``dtype`` against ``model.score`` by
+    :func:`assert_rounding_like_pytorch`."""
+    assert got.dtype == dtype and torch.isneginf(got[:, 0]).all()
+    assert_rounding_like_pytorch(
+        got[:, 1:], model, lambda m: reference(m, seqs, ids)[:, 1:], dtype, atol
+    )
+
+
 MIXES = {
     "random": lambda b, g: torch.randint(0, 36, (b,), generator=g),
     "one_config": lambda b, g: torch.full((b,), 22),
@@ -61,19 +93,21 @@ MIXES = {
 
 
 @pytest.mark.parametrize("backend", AVAILABLE)
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("mix", sorted(MIXES))
 @pytest.mark.parametrize("size", [1, 7, 36])
-def test_score_equals_model_score(backend, dtype, tol, mix, size):
+def test_score_equals_model_score(backend, dtype, mix, size):
     model = make_model(dtype)
     engine = Engine(model, backend=backend)
     seqs = batch(size, seed=size)
     ids = MIXES[mix](size, torch.Generator().manual_seed(size + 1))
     got = engine.score(seqs, ids)
-    want = reference(model, seqs, ids)
     assert got.dtype == dtype and got.shape == (size, NUM_ITEMS + 1)
     assert torch.isneginf(got[:, 0]).all()
-    assert relative_error(got, want) < tol
+    if dtype == torch.float64:
+        assert relative_error(got, reference(model, seqs, ids)) < 1e-10
+    else:
+        check_against_reference(got, model, seqs, ids)
 
 
 @pytest.mark.parametrize("backend", AVAILABLE)
@@ -116,11 +150,16 @@ def test_recommend_matches_topk_of_masked_scores(backend, exclude_history):
     engine = Engine(model, backend=backend, max_score_elements=3 * (NUM_ITEMS + 1))
     seqs = batch(10, seed=4)
     ids, values = engine.recommend(seqs, k=7, exclude_history=exclude_history)
-    scores = reference(model, seqs, model.route(seqs))
-    if exclude_history:
-        scores = scores.scatter(1, seqs, float("-inf"))
-    want = scores.topk(7, dim=-1)
-    torch.testing.assert_close(values, want.values, rtol=1e-5, atol=1e-5)
+    routed = model.route(seqs)
+
+    def top_k(m):
+        scores = reference(m, seqs, routed)
+        if exclude_history:
+            scores = scores.scatter(1, seqs, float("-inf"))
+        return scores.topk(7, dim=-1)
+
+    assert_rounding_like_pytorch(values, model, lambda m: top_k(m).values)
+    want = top_k(model)
     # Ids must agree wherever the scores are not tied.
     assert (ids == want.indices).float().mean() > 0.95
     assert (ids != 0).all()
@@ -204,9 +243,7 @@ def test_engine_dtype_conversion():
     model = make_model(torch.float64)
     engine = Engine(model, backend="torch", dtype=torch.float32)
     seqs, ids = batch(5, 3), torch.arange(5) * 7
-    got = engine.score(seqs, ids)
-    assert got.dtype == torch.float32
-    assert relative_error(got.double(), reference(model, seqs, ids)) < 1e-5
+    check_against_reference(engine.score(seqs, ids), model, seqs, ids, torch.float32)
 
 
 @pytest.mark.parametrize("backend", AVAILABLE)
@@ -249,7 +286,9 @@ def test_unknown_and_unavailable_backends_say_why():
             with pytest.raises(BackendUnavailableError, match=name) as err:
                 Engine(model, backend=name)
             assert why in str(err.value)
-    assert reasons["cuda"] is not None  # no GPU in CI; the reason names what is missing
+    assert reasons["triton"] is not None  # never on a CPU; the reason names what is missing
+    with pytest.raises(ValueError, match="unknown backend"):  # not implemented: not offered
+        Engine(model, backend="cuda")
 
 
 def test_auto_picks_a_working_backend():
@@ -288,13 +327,43 @@ def test_recommend_with_given_configs_and_extra_exclusions(backend):
     rows = torch.tensor([4, 0, 3, 0])
     items = torch.tensor([60, 5, 1, 9])
     ids, values = engine.recommend(seqs, k=6, config_ids=config_ids, exclude=(rows, items))
-    scores = reference(model, seqs, config_ids).scatter(1, seqs, float("-inf"))
-    scores[rows, items] = float("-inf")
-    want = scores.topk(6, dim=-1)
-    torch.testing.assert_close(values, want.values)
+
+    def top_k(m):
+        scores = reference(m, seqs, config_ids).scatter(1, seqs, float("-inf"))
+        scores[rows, items] = float("-inf")
+        return scores.topk(6, dim=-1)
+
+    assert_rounding_like_pytorch(values, model, lambda m: top_k(m).values)
     assert torch.equal(engine.last_config_ids, config_ids)
     assert engine.last_plan.flops_router == 0
     for row, item in zip(rows.tolist(), items.tolist(), strict=True):
         assert item not in ids[row].tolist()
     with pytest.raises(ValueError, match="exclude"):
         engine.recommend(seqs, k=3, exclude=(torch.tensor([5]), torch.tensor([1])))
+
+
+@pytest.mark.parametrize("name", backends.BACKENDS)
+def test_capability_flags_promise_their_methods(name):
+    # The engine reads the flags, never probes methods: each flag must match what the class
+    # implements (the base class's versions refuse).
+    cls = backends.backend_class(name)
+    base = backends.Backend
+    promised = {
+        "PLANS_ON_DEVICE": ("scores_from_ids",),
+        "CAPTURABLE": ("capture",),
+        "LAST_HIDDEN": ("last_hidden", "output_layer"),
+    }
+    for flag, methods in promised.items():
+        assert getattr(cls, flag) is all(getattr(cls, m) is not getattr(base, m) for m in methods)
+    assert cls.NAME == name and cls.DTYPES
+
+
+def test_engine_follows_the_flags_and_missing_capabilities_say_which(monkeypatch):
+    engine = Engine(make_model(torch.float32), backend="torch")
+    seqs, ids = batch(3, 1), torch.tensor([0, 4, 35])
+    with pytest.raises(BackendUnavailableError, match="the torch backend has no last_hidden"):
+        engine._impl.last_hidden(seqs, None)
+    sentinel = torch.zeros(3, NUM_ITEMS + 1)
+    monkeypatch.setattr(engine._impl, "PLANS_ON_DEVICE", True)
+    monkeypatch.setattr(engine._impl, "scores_from_ids", lambda s, i: sentinel)
+    assert engine.score(seqs, ids) is sentinel

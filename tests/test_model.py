@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_engine import make_model as random_model  # tests/ is on sys.path
+from test_engine import assert_rounding_like_pytorch  # tests/ is on sys.path
+from test_engine import make_model as random_model
 from torch.utils.flop_counter import FlopCounterMode
 
 import canet
@@ -173,16 +174,26 @@ def test_score_matches_an_independent_reference_for_every_config():
 # -- masked path == sliced path ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_masked_path_equals_sliced_path_for_every_config(dtype, tol):
-    model = make_model(dtype)
+def test_masked_path_equals_sliced_path_for_every_config():
+    model = make_model(torch.float64)
     seqs = padded_batch(batch=72, seed=7)
     ids = torch.arange(72) % 36  # every config twice, with different padding
     with torch.no_grad():
         sliced = model.score(seqs, ids)[:, 1:]
         masked = model.score_masked(seqs, model.one_hot(ids))[:, 1:]
     rel = (sliced - masked).abs().amax(-1) / sliced.abs().amax(-1)
-    assert rel.max() < tol, f"configs {ids[rel >= tol].tolist()}: relative errors {rel[rel >= tol]}"
+    assert rel.max() < 1e-10, f"configs {ids[rel >= 1e-10].tolist()}: relative errors {rel}"
+
+
+def test_masked_path_rounds_like_the_sliced_path_in_float32():
+    # Against a float64 reference, not a fixed tolerance: fp32 rounding through eight random
+    # blocks puts the sliced path's own error near 5e-6.
+    model = make_model(torch.float32)
+    seqs = padded_batch(batch=72, seed=7)
+    ids = torch.arange(72) % 36
+    with torch.no_grad():
+        masked = model.score_masked(seqs, model.one_hot(ids))[:, 1:]
+    assert_rounding_like_pytorch(masked, model, lambda m: m.score(seqs, ids)[:, 1:].detach())
 
 
 def test_masked_path_equals_sliced_path_for_a_mixed_batch_at_every_position():

@@ -8,7 +8,6 @@ replay over three routing mixes and the launch count of one forward.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_engine import batch, make_model  # tests/ is on sys.path (rootdir conftest)
+from test_engine import check_against_reference as check_rule
 
 from canet import Engine, RoutingSpace, backends, ops
 from canet.backends import BackendUnavailableError, triton_backend
@@ -145,12 +145,12 @@ def test_triton_version_without_distribution_metadata(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "3.6.0+git0123abc")
     assert triton_backend._triton_version() == (3, 6)
     monkeypatch.setattr(triton, "__version__", "3.3.1")
-    assert "too old" in triton_backend.requirements(torch.device("cuda"))
+    assert "too old" in "; ".join(triton_backend.Backend.not_supported_reasons("cuda"))
 
 
 def test_cpu_is_never_offered_and_refused_without_the_interpreter(monkeypatch):
     assert backends.availability("cpu")["triton"] is not None
-    assert "CUDA" in triton_backend.requirements(torch.device("cpu"))
+    assert "CUDA" in triton_backend.Backend.not_supported_reasons(torch.device("cpu"))[0]
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = make_model(torch.float32, num_items=NUM_ITEMS, max_len=3, space=SMALL)
     with pytest.raises(BackendUnavailableError, match="triton"):
@@ -328,15 +328,7 @@ def gpu_model(max_len):
 
 def check_against_reference(got, model, seqs, ids, dtype):
     """``got`` (scores in ``dtype``) against the issue's rule, for the given config ids."""
-    rounded = copy.deepcopy(model).to(dtype)
-    want = copy.deepcopy(rounded).double().score(seqs, ids)
-    baseline = relative_error(rounded.score(seqs, ids), want)
-    error = relative_error(got, want)
-    assert got.dtype == dtype and torch.isneginf(got[:, 0]).all()
-    assert error <= 2 * baseline + GPU_ATOL[dtype], (
-        f"{dtype}: error {error:.3g} > 2 x the PyTorch supernet's {baseline:.3g} + "
-        f"{GPU_ATOL[dtype]:g}"
-    )
+    check_rule(got, model, seqs, ids, dtype, GPU_ATOL[dtype])
 
 
 def gpu_batch(size, max_len, seed):

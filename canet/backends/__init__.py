@@ -1,9 +1,9 @@
 """Engine backends: which exist, which this install and device can run, and why not.
 
-This is the one place backends are chosen. Each backend module exposes a class with
-``route(seqs) -> [B]`` and ``scores(seqs, plan) -> [B, N+1]`` (users in their original order),
-a ``requirements(device)`` function returning None when it can run, else the reason and how to
-get it, and ``DTYPES``, the compute dtypes it supports.
+This is the one place backends are chosen. Each backend module defines ``Backend``, a subclass
+of :class:`canet.backends.base.Backend` (the contract: ``route(seqs) -> [B]``,
+``scores(seqs, plan) -> [B, N+1]`` with users in their original order, capability flags, and
+``not_supported_reasons(device, dtype)``, empty when it can run there).
 """
 
 from __future__ import annotations
@@ -13,44 +13,35 @@ import warnings
 
 import torch
 
-from ..errors import CanetError
+from .base import Backend, BackendUnavailableError
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "availability", "resolve", "create"]
+__all__ = [
+    "BACKENDS", "Backend", "BackendUnavailableError", "availability", "backend_class", "create",
+    "resolve",
+]
 
-BACKENDS: tuple[str, ...] = ("torch", "cpu", "triton", "cuda")
+BACKENDS: tuple[str, ...] = ("torch", "cpu", "triton")
 _MODULES = {
     "torch": "canet.backends.torch_backend",
     "cpu": "canet.backends.cpu_backend",
     "triton": "canet.backends.triton_backend",
-    "cuda": "canet.backends.cuda_backend",
 }
+# What "auto" tries, per device type, before falling back to torch.
+_AUTO = {"cuda": ("triton",), "cpu": ("cpu",)}
 _warned_fallback = False
 
 
-class BackendUnavailableError(CanetError, RuntimeError):
-    """A backend was asked for that this install or device cannot run; the message says why
-    and how to get it."""
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def backend_class(name: str) -> type[Backend]:
+    """The Backend class of ``name`` (one of :data:`BACKENDS`); imports its module only (triton
+    itself is imported when a triton Backend is built)."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+    return importlib.import_module(_MODULES[name]).Backend
 
 
 def _why_not(name: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
-    try:
-        module = importlib.import_module(_MODULES[name])
-    except ModuleNotFoundError as err:
-        if err.name != _MODULES[name]:
-            raise
-        return f"the {name} backend is not implemented in this version of canet yet"
-    reason = module.requirements(device)
-    if reason is None and dtype is not None and dtype not in module.DTYPES:
-        supported = ", ".join(_dtype_name(d) for d in module.DTYPES)
-        reason = (
-            f"the {name} backend computes in {supported}, not {_dtype_name(dtype)}; pass "
-            "dtype=... to Engine or use backend='torch'"
-        )
-    return reason
+    reasons = backend_class(name).not_supported_reasons(device, dtype)
+    return "; ".join(reasons) if reasons else None
 
 
 def availability(
@@ -65,22 +56,23 @@ def availability(
 def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend to use for ``name`` ("auto" or one of :data:`BACKENDS`) on ``device``.
 
-    "auto" picks cuda, then triton on a GPU, cpu on a CPU, and falls back to torch with a
-    one-time warning. An explicit name that cannot run (device, install or ``dtype``) raises
+    "auto" picks triton on a GPU, cpu on a CPU, and falls back to torch with a one-time
+    warning. An explicit name that cannot run (device, install or ``dtype``) raises
     BackendUnavailableError.
     """
     global _warned_fallback
     if name == "auto":
-        preferred = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
         reasons = {}
-        for candidate in preferred:
+        for candidate in _AUTO.get(device.type, ()):
             reason = _why_not(candidate, device, dtype)
             if reason is None:
                 return candidate
             reasons[candidate] = reason
         if not _warned_fallback:
             _warned_fallback = True
-            details = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+            details = "; ".join(f"{k}: {v}" for k, v in reasons.items()) or (
+                f"no other backend runs on {device.type} devices"
+            )
             warnings.warn(
                 f"canet.Engine: falling back to the pure-PyTorch backend ({details})",
                 RuntimeWarning,
@@ -95,7 +87,6 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -
     return name
 
 
-def create(name: str, arch: dict, state: dict[str, torch.Tensor], device: torch.device):
+def create(name: str, arch: dict, state: dict[str, torch.Tensor], device: torch.device) -> Backend:
     """Instantiate backend ``name`` (already resolved) over the canonical state_dict."""
-    module = importlib.import_module(_MODULES[name])
-    return module.Backend(arch, state, device)
+    return backend_class(name)(arch, state, device)

@@ -12,15 +12,9 @@ from torch import Tensor
 
 from ..model import CANet
 from ..ops import Plan
+from . import base
 
-__all__ = ["Backend", "DTYPES", "requirements"]
-
-# Compute dtypes this backend supports (checked by canet.backends.resolve).
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def requirements(device: torch.device) -> str | None:
-    return None  # runs wherever PyTorch runs
+__all__ = ["Backend", "module_over"]
 
 
 def module_over(arch: dict, state: dict[str, Tensor]) -> CANet:
@@ -31,10 +25,15 @@ def module_over(arch: dict, state: dict[str, Tensor]) -> CANet:
     return model.eval().requires_grad_(False)
 
 
-class Backend:
-    name = "torch"
+class Backend(base.Backend):
+    """The plan run group by group through the PyTorch model's sliced path (the oracle)."""
+
+    NAME = "torch"
+    DEVICE_TYPES = None  # any device PyTorch runs on
+    DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
     def __init__(self, arch: dict, state: dict[str, Tensor], device: torch.device) -> None:
+        super().__init__(arch, state, device)
         self.model = module_over(arch, state)
         self.configs = self.model.space.configs
 
@@ -55,6 +54,6 @@ class Backend:
             if start == end:
                 continue
             users = plan.order[start:end]
-            hidden = supernet.hidden_last(seqs[users], self.configs[config_id])
+            hidden = supernet.last_hidden(seqs[users], self.configs[config_id])
             out[users] = supernet.logits(hidden)
         return out

@@ -17,69 +17,59 @@ Activations live in preallocated per-batch-size workspaces (max width, sorted-us
 
 Triton is imported only when a Backend is built: ``import canet`` never needs it. On a CPU
 device the backend runs only under the Triton interpreter (``TRITON_INTERPRET=1``), for tests;
-:func:`requirements` still reports CPU devices as unavailable so that engines never pick it.
+``Backend.not_supported_reasons`` still reports CPU devices, so that engines never pick it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from ..model import BLOCK_PARAMS
 from ..ops import Plan, plan_reference
 from ..space import RoutingSpace
+from . import base
 from .torch_backend import module_over
 
-__all__ = ["Backend", "CapturedForward", "DTYPES", "requirements"]
-
-# Compute dtypes this backend supports (checked by canet.backends.resolve).
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+__all__ = ["Backend", "CapturedForward", "matmul_allows_tf32", "triton_version"]
 
 _MIN_TRITON = (3, 4)
 
 
-def _triton_version() -> tuple[int, ...] | None:
-    """(major, minor) of the importable triton, None when there is none. The distribution
-    metadata is read first (no import); a triton installed under another distribution name
-    (``pytorch-triton`` nightlies, a source build) falls back to ``triton.__version__``."""
+def triton_version() -> str | None:
+    """The version of the importable triton, None when there is none (or it is broken).
+
+    The distribution metadata is read first (no import); a triton installed under another
+    distribution name (``pytorch-triton`` nightlies, a source build) falls back to
+    ``triton.__version__``. The one probe of triton's version (``canet.info`` prints it)."""
     if importlib.util.find_spec("triton") is None:
         return None
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        text = version("triton")
+        return version("triton")
     except PackageNotFoundError:
         try:
             import triton
 
-            text = str(triton.__version__)
+            return str(triton.__version__)
         except Exception:  # a broken install: report it as missing
             return None
+
+
+def _triton_version() -> tuple[int, ...] | None:
+    """(major, minor) of :func:`triton_version`, None when there is none."""
+    text = triton_version()
+    if text is None:
+        return None
     parts = []
     for piece in text.split(".")[:2]:
         digits = "".join(ch for ch in piece if ch.isdigit())
         parts.append(int(digits) if digits else 0)
     return tuple(parts)
-
-
-def requirements(device: torch.device) -> str | None:
-    """None when the triton backend can run on ``device``, else why not and how to get it."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return (
-            f"the triton backend needs a CUDA device, got {device.type!r} "
-            "(tests reach it on CPU through canet.backends.triton_backend.Backend with "
-            "TRITON_INTERPRET=1)"
-        )
-    found = _triton_version()
-    if found is None:
-        return "triton is not installed: pip install 'canet[triton]' (triton >= 3.4)"
-    if found < _MIN_TRITON:
-        return f"triton {'.'.join(map(str, found))} is too old: the kernels need triton >= 3.4"
-    return None
 
 
 def matmul_allows_tf32() -> bool:
@@ -130,31 +120,53 @@ class _Workspace:
         )
 
 
-class Backend:
+class Backend(base.Backend):
     """Grouped Triton kernels over the canonical state_dict (tensors read in place)."""
 
-    name = "triton"
+    NAME = "triton"
+    DEVICE_TYPES = ("cuda",)
+    DEVICE_HINT = (
+        "move it with model.cuda() to use it (tests reach it on CPU through "
+        "canet.backends.triton_backend.Backend with TRITON_INTERPRET=1)"
+    )
+    DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+    PLANS_ON_DEVICE = True
+    CAPTURABLE = True
+
+    @classmethod
+    def _install_reasons(cls, device: torch.device) -> list[str]:
+        need = ".".join(map(str, _MIN_TRITON))
+        found = _triton_version()
+        if found is None:
+            return [f"triton is not installed: pip install 'canet[triton]' (triton >= {need})"]
+        if found < _MIN_TRITON:
+            return [
+                f"triton {'.'.join(map(str, found))} is too old: the kernels need "
+                f"triton >= {need}"
+            ]
+        return []
+
+    @classmethod
+    def _build_reasons(cls, device: torch.device, dtype: torch.dtype) -> list[str]:
+        # Under the interpreter the kernels run on CPU tensors (tests), though engines never
+        # pick this backend there: availability keeps the device reason.
+        reasons = super()._build_reasons(device, dtype)
+        if device.type == "cpu" and interpreter_enabled():
+            reasons.remove(cls._device_reason(device))
+        return reasons
 
     def __init__(self, arch: dict, state: dict[str, Tensor], device: torch.device) -> None:
-        device = torch.device(device)
-        if device.type != "cuda" and not interpreter_enabled():
-            reason = requirements(device)
-            from . import BackendUnavailableError
-
-            raise BackendUnavailableError(f"backend 'triton' is unavailable on {device}: {reason}")
+        super().__init__(arch, state, device)
+        device = self.device
         from canet.kernels import attention, grouped_linear, plan
 
         self._kernels = (plan, grouped_linear, attention)
-        self.device = device
         self.model = module_over(arch, state)  # the router runs through PyTorch
         self.space: RoutingSpace = self.model.space
         self.max_len = self.model.max_len
         self.num_items = self.model.num_items
         self.heads = self.space.heads
         self.head_dim_pad = attention.head_dim_block(self.space.max_hidden, self.heads)
-        self.dtype = state["supernet.out.weight"].dtype
-        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"the triton backend runs float32/float16/bfloat16, got {self.dtype}")
         # fp32 follows PyTorch's matmul switch: tf32 only when the user turned it on.
         tf32 = self.dtype == torch.float32 and matmul_allows_tf32()
         self.precision = "tf32" if tf32 else "ieee"
@@ -179,20 +191,17 @@ class Backend:
         self.in_proj = _Linear(weights(p["in_proj.weight"], p["in_proj.bias"]), "emb", "hidden")
         self.blocks = []
         for i in range(self.space.max_depth):
-            b = f"blocks.{i}."
-            scale1, scale2 = p.get(b + "res_scale1"), p.get(b + "res_scale2")
+            # BLOCK_PARAMS names every block tensor; without residual scaling the scales are
+            # absent from the state_dict (None here).
+            t = {name: p.get(f"blocks.{i}.{name}") for name in BLOCK_PARAMS}
             self.blocks.append(
                 (
-                    _Linear(weights(p[b + "attn.qkv.weight"], p[b + "attn.qkv.bias"]),
-                            "hidden", "hidden"),
-                    _Linear(weights(p[b + "attn.out.weight"], p[b + "attn.out.bias"],
-                                    p[b + "ln1.weight"], p[b + "ln1.bias"], scale1),
-                            "hidden", "hidden"),
-                    _Linear(weights(p[b + "ffn.fc1.weight"], p[b + "ffn.fc1.bias"]),
-                            "hidden", "ffn"),
-                    _Linear(weights(p[b + "ffn.fc2.weight"], p[b + "ffn.fc2.bias"],
-                                    p[b + "ln2.weight"], p[b + "ln2.bias"], scale2),
-                            "ffn", "hidden"),
+                    _Linear(weights(t["attn.qkv.weight"], t["attn.qkv.bias"]), "hidden", "hidden"),
+                    _Linear(weights(t["attn.out.weight"], t["attn.out.bias"], t["ln1.weight"],
+                                    t["ln1.bias"], t["res_scale1"]), "hidden", "hidden"),
+                    _Linear(weights(t["ffn.fc1.weight"], t["ffn.fc1.bias"]), "hidden", "ffn"),
+                    _Linear(weights(t["ffn.fc2.weight"], t["ffn.fc2.bias"], t["ln2.weight"],
+                                    t["ln2.bias"], t["res_scale2"]), "ffn", "hidden"),
                 )
             )
         self.output = _Linear(weights(p["out.weight"], p["out.bias"]), "hidden", "full")
@@ -237,7 +246,9 @@ class Backend:
         :class:`CapturedForward`). ``routed``: the graph runs the router too; otherwise each call
         passes config ids."""
         if self.device.type != "cuda":
-            raise RuntimeError("Backend.capture needs a CUDA device")
+            raise base.BackendUnavailableError(
+                f"capture needs a CUDA device (CUDA graphs); this backend runs on {self.device}"
+            )
         return CapturedForward(self, batch_size, routed)
 
     # -- internals -------------------------------------------------------------------------
@@ -248,8 +259,9 @@ class Backend:
         return workspace
 
     def _forward(self, seqs: Tensor, ws: _Workspace, order: Tensor, out: Tensor) -> Tensor:
-        _, grouped_linear, attention = self._kernels
+        plan, grouped_linear, attention = self._kernels
         ranges = ws.plan.ranges
+        row = plan.launch_row
         depth = self.space.max_depth
         common = {
             "tiles": ws.plan.tiles,
@@ -261,25 +273,26 @@ class Backend:
             "precision": self.precision,
         }
 
-        def linear(epilogue: str, layer: _Linear, dst: Tensor, row: int, **kwargs) -> None:
+        def linear(epilogue: str, layer: _Linear, dst: Tensor, launch: int, **kwargs) -> None:
             grouped_linear.grouped_linear(
-                epilogue, layer.weights, dst, ranges=ranges[row], k_source=layer.k_source,
+                epilogue, layer.weights, dst, ranges=ranges[launch], k_source=layer.k_source,
                 n_source=layer.n_source, **common, **kwargs,
             )
 
-        linear("bias", self.in_proj, ws.x, 0, gather=(seqs, self.item_emb, self.pos_emb),
-               order=order)
+        linear("bias", self.in_proj, ws.x, row("embed"),
+               gather=(seqs, self.item_emb, self.pos_emb), order=order)
         for i, (qkv, attn_out, fc1, fc2) in enumerate(self.blocks):
-            linear("qkv", qkv, ws.qkv, 1 + 2 * i, a=ws.x, heads=self.heads)
+            linear("qkv", qkv, ws.qkv, row("qkv", i), a=ws.x, heads=self.heads)
             attention.grouped_attention(
                 ws.qkv, ws.o, seqs=seqs, order=order, row_config=ws.plan.row_config,
                 config_table=self.config_table, layer=i, heads=self.heads,
                 precision=self.precision,
             )
-            linear("residual_ln", attn_out, ws.x, 2 + 2 * i, a=ws.o)
-            linear("gelu", fc1, ws.u, 2 + 2 * i, a=ws.x)
-            linear("residual_ln", fc2, ws.x, 2 + 2 * i, a=ws.u)
-        linear("scores", self.output, out, 1 + 2 * depth, a=ws.x, order=order)
+            dense = row("dense", i)
+            linear("residual_ln", attn_out, ws.x, dense, a=ws.o)
+            linear("gelu", fc1, ws.u, dense, a=ws.x)
+            linear("residual_ln", fc2, ws.x, dense, a=ws.u)
+        linear("scores", self.output, out, row("output", max_depth=depth), a=ws.x, order=order)
         return out
 
 
@@ -300,23 +313,14 @@ class CapturedForward:
         self.out = torch.empty(
             batch_size, backend.num_items + 1, dtype=backend.dtype, device=device
         )
-        step: Callable[[], None]
 
         def step() -> None:
             if routed:
                 self.config_ids.copy_(backend.route(self.seqs))
             backend.scores_from_ids(self.seqs, self.config_ids, out=self.out)
 
-        # Warm up on a side stream (compiles the kernels, allocates the workspace), then record.
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
-            step()
+        # The warm-up runs compile the kernels and allocate the workspace outside the graph.
+        self.graph = base.capture_cuda_graph(step, device)
 
     def __call__(self, seqs: Tensor, config_ids: Tensor | None = None) -> Tensor:
         if seqs.shape != self.seqs.shape:
