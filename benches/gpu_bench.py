@@ -159,7 +159,7 @@ def bench_cell(model, engines, batch, max_len, items, mix, args, result: dict) -
     one_hot = model.one_hot(ids)
 
     def dense():
-        x = model.supernet.hidden_last(seqs, largest)
+        x = model.supernet.last_hidden(seqs, largest)
         return model.supernet.logits(x)
 
     calls = {

@@ -147,7 +147,7 @@ def smallest_hits(
     draws move the global RNG). Call it on an ``eval()`` model for a deterministic label."""
     with torch.no_grad():
         smallest = model.space.configs[model.space.smallest_id]
-        scores = model.supernet.logits(model.supernet.hidden_last(seqs, smallest))
+        scores = model.supernet.logits(model.supernet.last_hidden(seqs, smallest))
         if exclude_history:
             scores = scores.scatter(1, seqs, float("-inf"))
         # Rank by count so an excluded (-inf) target is never a hit, even with k >= N.

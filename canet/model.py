@@ -287,8 +287,6 @@ class Supernet(nn.Module):
             )
         return x[:, -1]
 
-    hidden_last = last_hidden  # the old name (canet.losses and benches/gpu_bench.py call it)
-
     def hidden_masked(self, seqs: Tensor, choice: Tensor) -> Tensor:
         """Hidden states of the masked path. seqs ``[B, L]``, choice ``[B, C]`` (straight-through
         one-hot) -> ``[B, L, H]``, zero outside each sample's hidden prefix.

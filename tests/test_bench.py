@@ -12,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import canet
 from canet import CANet, Engine, RoutingSpace, bench
 from canet.flops import batch_flops
 
@@ -355,7 +357,7 @@ def test_measure_training_reports_every_run_and_the_flop_fraction(monkeypatch) -
     from canet.bench import training
 
     monkeypatch.setattr(training, "gemm_flops_per_second", lambda *a, **k: 1e10)
-    report = training.measure_training(threads=1, num_users=60, num_items=40, steps=2,
+    report = training.measure_training(threads=1, num_users=300, num_items=40, steps=2,
                                        old_steps=1)
     runs = {(r["model"], r["path"]): r for r in report["runs"]}
     assert set(runs) == {("canet", "new"), ("canet", "old"), ("full", "new"), ("full", "old")}

@@ -204,7 +204,7 @@ def gpu_bench_with_fake_cells(monkeypatch):
         def eval(self):
             return self
 
-    monkeypatch.setattr(bench, "CANet", lambda *args: FakeModel())
+    monkeypatch.setattr(bench, "build_model", lambda *args, **kwargs: FakeModel())
     monkeypatch.setattr(bench, "Engine", lambda model, backend: backend)
     bench.fail = {}  # (batch, mix) -> "raise" | "mismatch" | "method" | "interrupt"
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends.base import capture_cuda_graph
+
 __all__ = ["CLOCKS", "Timing", "graph_of", "time_call", "time_repeats"]
 
 # "wall": time.perf_counter around each call (the call must finish on return: CPU work).
@@ -119,17 +121,8 @@ def _cuda_seconds(fn: Callable[[], object]) -> float:
 
 
 def graph_of(fn: Callable[[], object]) -> Callable[[], None]:
-    """Record ``fn`` (static inputs) in a CUDA graph; returns the replay callable.
-
-    Warm-up on a side stream (so lazy initialisation and allocations happen outside the
-    capture), then one captured call."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """Record ``fn`` (static inputs) in a CUDA graph; returns the replay callable. The capture
+    is :func:`canet.backends.base.capture_cuda_graph` (warm-up on a side stream, then one
+    recorded call), in the caller's inference mode."""
+    graph = capture_cuda_graph(fn, inference_mode=torch.is_inference_mode_enabled())
     return graph.replay
