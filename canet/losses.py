@@ -33,6 +33,7 @@ __all__ = [
     "guide_loss",
     "uniform_loss",
     "next_item_loss",
+    "linear_cross_entropy",
     "smallest_hits",
     "LossWeights",
 ]
@@ -131,6 +132,59 @@ def next_item_loss(logits: Tensor, targets: Tensor) -> Tensor:
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return F.cross_entropy(logits, targets.reshape(-1), ignore_index=0)
+
+
+# Rows of a linear_cross_entropy chunk: about 4M logits (16 MB in float32). Small enough that
+# a chunk's buffers are reused by the allocator from step to step (glibc serves blocks under
+# 32 MB from its heap; larger ones are fresh mmaps, paid again in page faults every step).
+_CE_CHUNK_ELEMENTS = 1 << 22
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``x @ weight^T + bias`` in row chunks, gradients computed in the
+    forward (as Liger-Kernel's fused linear cross-entropy): the ``[T, N]`` logits and their
+    gradient never exist at once, and there is no log-softmax backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, targets: Tensor) -> Tensor:
+        rows = x.shape[0]
+        chunk = max(1, _CE_CHUNK_ELEMENTS // max(1, weight.shape[0]))
+        stats = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        grad_x = torch.empty_like(x)
+        grad_weight = torch.zeros_like(weight)
+        grad_bias = torch.zeros_like(bias)
+        total = torch.zeros((), dtype=stats, device=x.device)
+        for start in range(0, rows, chunk):
+            xc, tc = x[start : start + chunk], targets[start : start + chunk]
+            logits = F.linear(xc, weight, bias).to(stats)  # [c, N]
+            lse = torch.logsumexp(logits, dim=1)
+            total += (lse - logits.gather(1, tc[:, None])[:, 0]).sum()
+            # d(mean CE)/d logits = (softmax - onehot) / rows, built in place in the logits.
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(tc.shape[0], device=x.device), tc] -= 1.0
+            grad = probs.div_(rows).to(x.dtype)
+            torch.mm(grad, weight, out=grad_x[start : start + chunk])
+            grad_weight.addmm_(grad.t(), xc)
+            grad_bias += grad.sum(0)
+        ctx.save_for_backward(grad_x, grad_weight, grad_bias)
+        return total / rows
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_x, grad_weight, grad_bias = ctx.saved_tensors
+        return grad_x * grad_out, grad_weight * grad_out, grad_bias * grad_out, None
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-item cross-entropy over ``T`` targeted positions, fused with the output layer.
+
+    x ``[T, h]`` hidden states, weight ``[N+1, H]`` and bias ``[N+1]`` the output layer (row 0
+    = padding: never a candidate, as the ``-inf`` column of ``Supernet.logits``), targets
+    ``[T]`` item ids in 1..N -> scalar. Equals ``next_item_loss(supernet.logits(x), targets)``
+    up to float rounding, without materialising the ``[T, N+1]`` logits (softmax statistics in
+    float32 at least). An empty ``x`` gives NaN, as the mean over no targets."""
+    h = x.shape[-1]
+    return _LinearCrossEntropy.apply(x, weight[1:, :h], bias[1:], targets - 1)
 
 
 def smallest_hits(
