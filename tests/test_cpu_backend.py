@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import MAX_LEN, NUM_ITEMS, batch, make_model, reference, relative_error
+from helpers import MAX_LEN, NUM_ITEMS, batch, make_model, reference, relative_error
 
 from canet import Engine, RoutingSpace, _ext, backends
 from canet.backends import BackendUnavailableError

@@ -2,85 +2,24 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from helpers import (  # tests/ is on sys.path (rootdir conftest)
+    MAX_LEN,
+    NUM_ITEMS,
+    assert_rounding_like_pytorch,
+    batch,
+    check_against_reference,
+    make_model,
+    reference,
+    relative_error,
+)
 
 import canet
-from canet import CANet, Engine, RoutingSpace, backends
+from canet import Engine, RoutingSpace, backends
 from canet.backends import BackendUnavailableError
 
-NUM_ITEMS = 61
-MAX_LEN = 11
-
 AVAILABLE = [name for name, why in backends.availability("cpu").items() if why is None]
-
-
-def make_model(dtype=torch.float64, seed=0, num_items=NUM_ITEMS, max_len=MAX_LEN, space=None):
-    """Random weights everywhere, residual scales and LayerNorm affine far from their inits."""
-    torch.manual_seed(seed)
-    model = CANet(num_items, max_len, space=space).to(dtype).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "res_scale" in name:
-                p.uniform_(0.3, 1.5)
-            elif name.endswith(("ln1.weight", "ln2.weight")):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-            else:
-                p.normal_(0, 0.3)
-    return model
-
-
-def batch(size, seed, max_len=MAX_LEN, num_items=NUM_ITEMS, heavy_padding=True):
-    g = torch.Generator().manual_seed(seed)
-    seqs = torch.randint(1, num_items + 1, (size, max_len), generator=g)
-    if heavy_padding:
-        lengths = torch.randint(1, max_len + 1, (size,), generator=g)
-        lengths[0] = 1
-        seqs[torch.arange(max_len)[None, :] < (max_len - lengths)[:, None]] = 0
-    return seqs
-
-
-def relative_error(got, want):
-    return ((got[:, 1:] - want[:, 1:]).abs().max() / want[:, 1:].abs().max()).item()
-
-
-def reference(model, seqs, config_ids=None):
-    with torch.no_grad():
-        return model.score(seqs, config_ids)
-
-
-def assert_rounding_like_pytorch(got, model, compute, dtype=torch.float32, atol=1e-6):
-    """The issue's rule for a result ``got`` in ``dtype``: its error against a float64
-    reference of the same weights rounded to ``dtype`` is at most 2x the error of PyTorch's
-    ``compute(model)`` in that dtype, + ``atol`` (errors relative to the largest value).
-
-    A fixed tolerance cannot judge this: eight blocks of random weights amplify rounding, so in
-    float32 both errors come near 1e-5, varying with the batch and the thread count.
-    ``compute(model)`` returns the tensor ``got`` stands for, finite values only."""
-    rounded = copy.deepcopy(model).to(dtype)
-    want = compute(copy.deepcopy(rounded).double())
-    baseline = _max_relative(compute(rounded), want)
-    error = _max_relative(got, want)
-    assert error <= 2 * baseline + atol, (
-        f"{dtype}: error {error:.3g} > 2 x PyTorch's {baseline:.3g} + {atol:g}"
-    )
-
-
-def _max_relative(got, want):
-    return ((got.double() - want).abs().max() / want.abs().max()).item()
-
-
-def check_against_reference(got, model, seqs, ids, dtype=torch.float32, atol=1e-6):
-    """Scores ``got [B, N+1]`` in ``dtype`` against ``model.score`` by
-    :func:`assert_rounding_like_pytorch`."""
-    assert got.dtype == dtype and torch.isneginf(got[:, 0]).all()
-    assert_rounding_like_pytorch(
-        got[:, 1:], model, lambda m: reference(m, seqs, ids)[:, 1:], dtype, atol
-    )
 
 
 MIXES = {

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from test_triton_backend import load_bench  # tests/ is on sys.path (rootdir conftest)
+from helpers import load_bench  # tests/ is on sys.path (rootdir conftest)
 
 from canet import CANet, RoutingSpace
 

@@ -209,3 +209,14 @@ def test_readme_layout_table_matches_the_tree() -> None:
     packages = {f"canet/{p.name}" for p in PACKAGE.iterdir()
                 if p.is_dir() and (p / "__init__.py").exists() and not p.is_symlink()}
     assert packages <= paths, f"README layout lacks {sorted(packages - paths)}"
+
+
+def test_readme_operators_table_names_existing_files() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Operators", 1)[1].split("\n## ", 1)[0]
+    files = set(re.findall(r"`([\w./-]+\.(?:py|cpp|cu|cuh|h))`", section))
+    assert len(files) >= 10
+    missing = sorted(f for f in files if not (ROOT / f).is_file())
+    assert not missing, f"README operators table names files that do not exist: {missing}"

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_engine import assert_rounding_like_pytorch  # tests/ is on sys.path
-from test_engine import make_model as random_model
+from helpers import assert_rounding_like_pytorch  # tests/ is on sys.path
+from helpers import make_model as random_model
 from torch.utils.flop_counter import FlopCounterMode
 
 import canet
@@ -18,6 +18,7 @@ from canet.losses import (
     balance_loss,
     decoupled_marginals,
     guide_loss,
+    linear_cross_entropy,
     next_item_loss,
     smallest_hits,
     soft_labels,
@@ -404,6 +405,39 @@ def test_next_item_loss_ignores_padding_targets():
     picked = [(0, 1, 2), (0, 2, 5), (1, 0, 1)]
     expected = -np.mean([torch.log_softmax(logits[b, t], -1)[c].item() for b, t, c in picked])
     assert next_item_loss(logits, targets).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5),
+                                        (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_linear_cross_entropy_equals_logits_then_cross_entropy(monkeypatch, dtype, tol, rows):
+    """The fused, chunked output layer + cross-entropy against the plain one in float64: loss
+    and the gradients of x, weight and bias (row 0 and columns past h get none)."""
+    import canet.losses
+
+    monkeypatch.setattr(canet.losses, "_CE_CHUNK_ELEMENTS", 37 * 50)  # chunks of 50, a ragged end
+    num_items, width, h = 36, 16, 12
+    g = torch.Generator().manual_seed(rows)
+    leaves = [torch.randn(shape, generator=g, dtype=torch.float64)
+              for shape in ((rows, h), (num_items + 1, width), (num_items + 1,))]
+    targets = torch.randint(1, num_items + 1, (rows,), generator=g)
+
+    def run(cast, fused):
+        x, weight, bias = (t.to(cast).clone().requires_grad_() for t in leaves)
+        if fused:
+            loss = linear_cross_entropy(x, weight, bias, targets)
+        else:
+            logits = torch.nn.functional.linear(x, weight[:, :h], bias)
+            logits = torch.cat([torch.full_like(logits[:, :1], float("-inf")), logits[:, 1:]], 1)
+            loss = next_item_loss(logits, targets)
+        (2.5 * loss).backward()  # the incoming gradient scales every gradient
+        return [loss.detach().double()] + [t.grad.double() for t in (x, weight, bias)]
+
+    want = run(torch.float64, fused=False)
+    got = run(dtype, fused=True)
+    for name, a, b in zip(("loss", "x", "weight", "bias"), got, want, strict=True):
+        assert (a - b).abs().max() <= tol * b.abs().max(), name
+    assert (got[2][0] == 0).all() and (got[2][:, h:] == 0).all() and got[3][0] == 0
 
 
 def test_smallest_hits_excludes_history():

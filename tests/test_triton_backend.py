@@ -8,16 +8,14 @@ replay over three routing mixes and the launch count of one forward.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from test_engine import batch, make_model  # tests/ is on sys.path (rootdir conftest)
-from test_engine import check_against_reference as check_rule
+from helpers import BENCHES, batch, load_bench, make_model  # tests/ is on sys.path
+from helpers import check_against_reference as check_rule
 
 from canet import Engine, RoutingSpace, backends, ops
 from canet.backends import BackendUnavailableError, triton_backend
@@ -158,19 +156,6 @@ def test_cpu_is_never_offered_and_refused_without_the_interpreter(monkeypatch):
 
 
 # -- the GPU benchmarks' bookkeeping, on CPU ---------------------------------------------------
-
-BENCHES = Path(__file__).resolve().parents[1] / "benches"
-
-
-def load_bench(name, monkeypatch):
-    """A fresh copy of benches/<name>.py (sys.path changes it makes are undone afterwards)."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCHES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
 
 def fake_gpu(monkeypatch, module):
     monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
