@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from canet import _ext, ops
+from canet import RoutingSpace, _ext, ops
 from canet.bench import (
     DTYPES,
     Interrupted,
@@ -43,8 +43,9 @@ from canet.bench import (
     write_json_and_markdown,
 )
 
-HIDDEN_SIZES = (64, 96, 128)
-CONFIG_TABLE = [(d, h, e) for h in HIDDEN_SIZES for d in (2, 4, 6, 8) for e in HIDDEN_SIZES]
+SPACE = RoutingSpace()  # the paper's (default) routing space
+HIDDEN_SIZES = SPACE.hidden
+CONFIG_TABLE = SPACE.table().tolist()  # (depth, hidden, emb) per config id
 MAX_DEPTH = max(depth for depth, _, _ in CONFIG_TABLE)  # given to the op: no host sync
 PLAN_TARGET_US = 20.0
 TOPK_SPEEDUP_TARGET = 1.5

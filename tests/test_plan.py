@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from canet import _ext
 from canet.ops import Plan, plan, plan_reference
+from canet.space import DEFAULT_DEPTHS, DEFAULT_EMB, DEFAULT_HIDDEN
 
-DEPTHS, HIDDEN, EMB = (2, 4, 6, 8), (64, 96, 128), (64, 96, 128)
+DEPTHS, HIDDEN, EMB = DEFAULT_DEPTHS, DEFAULT_HIDDEN, DEFAULT_EMB
 # The paper's default space, hidden-major, then depth, then emb:
 # config 0 = (2, 64, 64), config 35 = (8, 128, 128).
 TABLE = torch.tensor([(d, h, e) for h in HIDDEN for d in DEPTHS for e in EMB], dtype=torch.int64)
