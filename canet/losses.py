@@ -78,14 +78,17 @@ def _membership_as(
     space: RoutingSpace, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor]:
     # Built once per (space, dtype, device): a training step then copies nothing to the device.
-    return tuple(m.to(dtype) for m in _membership(space, device))
+    # Plain tensors even when first built under inference_mode (a later backward saves them).
+    with torch.inference_mode(False), torch.no_grad():
+        return tuple(m.to(dtype) for m in _membership(space, device))
 
 
 @functools.lru_cache(maxsize=32)
 def _labels_as(
     n: int, sharpness: float, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    return tuple(t.to(dtype=dtype, device=device) for t in soft_labels(n, sharpness))
+    with torch.inference_mode(False), torch.no_grad():
+        return tuple(t.to(dtype=dtype, device=device) for t in soft_labels(n, sharpness))
 
 
 def decoupled_marginals(probs: Tensor, space: RoutingSpace) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,39 +137,54 @@ def next_item_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits, targets.reshape(-1), ignore_index=0)
 
 
-# Rows of a linear_cross_entropy chunk: about 4M logits (16 MB in float32). Small enough that
-# a chunk's buffers are reused by the allocator from step to step (glibc serves blocks under
+# Logits per linear_cross_entropy chunk. CPU: about 4M (16 MB in float32), small enough that a
+# chunk's buffers are reused by the allocator from step to step (glibc serves blocks under
 # 32 MB from its heap; larger ones are fresh mmaps, paid again in page faults every step).
+# CUDA: few, large chunks (each chunk is a dozen kernel launches).
 _CE_CHUNK_ELEMENTS = 1 << 22
+_CE_CHUNK_ELEMENTS_CUDA = 1 << 26
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``x @ weight^T + bias`` in row chunks, gradients computed in the
     forward (as Liger-Kernel's fused linear cross-entropy): the ``[T, N]`` logits and their
-    gradient never exist at once, and there is no log-softmax backward pass."""
+    gradient never exist at once, and there is no log-softmax backward pass.
+
+    The GEMMs run in the autocast dtype when autocast is on (bf16 on CUDA), else in the
+    weight's dtype; the softmax statistics and the loss in float32 at least; the gradients
+    come back in each input's own dtype."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, targets: Tensor) -> Tensor:
-        rows = x.shape[0]
-        chunk = max(1, _CE_CHUNK_ELEMENTS // max(1, weight.shape[0]))
-        stats = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        rows, device = x.shape[0], x.device
+        budget = _CE_CHUNK_ELEMENTS_CUDA if device.type == "cuda" else _CE_CHUNK_ELEMENTS
+        chunk = max(1, budget // max(1, weight.shape[0]))
+        amp = torch.is_autocast_enabled(device.type)
+        compute = torch.get_autocast_dtype(device.type) if amp else weight.dtype
+        stats = torch.promote_types(compute, torch.float32)
+        w, b = weight.to(compute), bias.to(compute)
         grad_x = torch.empty_like(x)
-        grad_weight = torch.zeros_like(weight)
-        grad_bias = torch.zeros_like(bias)
-        total = torch.zeros((), dtype=stats, device=x.device)
-        for start in range(0, rows, chunk):
-            xc, tc = x[start : start + chunk], targets[start : start + chunk]
-            logits = F.linear(xc, weight, bias).to(stats)  # [c, N]
-            lse = torch.logsumexp(logits, dim=1)
-            total += (lse - logits.gather(1, tc[:, None])[:, 0]).sum()
-            # d(mean CE)/d logits = (softmax - onehot) / rows, built in place in the logits.
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(tc.shape[0], device=x.device), tc] -= 1.0
-            grad = probs.div_(rows).to(x.dtype)
-            torch.mm(grad, weight, out=grad_x[start : start + chunk])
-            grad_weight.addmm_(grad.t(), xc)
-            grad_bias += grad.sum(0)
-        ctx.save_for_backward(grad_x, grad_weight, grad_bias)
+        grad_weight = torch.zeros(weight.shape, dtype=stats, device=device)
+        grad_bias = torch.zeros(bias.shape, dtype=stats, device=device)
+        total = torch.zeros((), dtype=stats, device=device)
+        with torch.autocast(device.type, enabled=False):
+            for start in range(0, rows, chunk):
+                xc = x[start : start + chunk].to(compute)
+                tc = targets[start : start + chunk]
+                logits = F.linear(xc, w, b).to(stats)  # [c, N]
+                lse = torch.logsumexp(logits, dim=1)
+                total += (lse - logits.gather(1, tc[:, None])[:, 0]).sum()
+                # d(mean CE)/d logits = (softmax - onehot) / rows, built in place in the logits.
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(tc.shape[0], device=device), tc] -= 1.0
+                grad = probs.div_(rows).to(compute)
+                grad_x[start : start + chunk] = grad @ w
+                if compute == stats:
+                    grad_weight.addmm_(grad.t(), xc)
+                else:  # bf16/fp16 GEMM, fp32 accumulation across chunks
+                    grad_weight += (grad.t() @ xc).to(stats)
+                grad_bias += grad.sum(0, dtype=stats)
+        ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype))
         return total / rows
 
     @staticmethod

@@ -295,22 +295,25 @@ class Supernet(nn.Module):
         hidden, head-scale and depth choices.
         """
         tables = self._choice_tables(choice.dtype, choice.device)
-        emb_mask = choice @ tables["emb_mask"]
-        hidden_mask = choice @ tables["hidden_mask"]
-        ffn_mask = choice @ tables["ffn_mask"]
-        scale = choice @ tables["scale"]
+        # The masks, head scales and depth gates in the choice's dtype even under autocast (a
+        # bf16 1/sqrt(head dim) would differ from the one the engine serves with).
+        with torch.autocast(choice.device.type, enabled=False):
+            emb_mask = choice @ tables["emb_mask"]
+            hidden_mask = choice @ tables["hidden_mask"]
+            ffn_mask = choice @ tables["ffn_mask"]
+            scale = choice @ tables["scale"]
+            runs = (choice @ tables["runs"].T).T[:, :, None, None]  # [D, B, 1, 1]
+            stops = (choice @ (1.0 - tables["runs"]).T).T[:, :, None, None]
         x = self._embed(seqs, self.space.max_emb) * emb_mask[:, None, :]
         x = F.linear(x, self.in_proj.weight, self.in_proj.bias) * hidden_mask[:, None, :]
         allowed = allowed_keys(seqs)
         for i, block in enumerate(self.blocks):
             # As the paper's code: a sample whose depth is <= i carries x through unchanged.
-            runs = (choice @ tables["runs"][i])[:, None, None]
-            stops = (choice @ (1.0 - tables["runs"][i]))[:, None, None]
             y = block_masked(
                 block, x, hidden_mask, ffn_mask, scale, self.space.heads, allowed,
                 self.dropout, self.training,
             )
-            x = runs * y + stops * x
+            x = runs[i] * y + stops[i] * x
         return x
 
     def _choice_tables(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
@@ -320,7 +323,10 @@ class Supernet(nn.Module):
         key = (dtype, device)
         cache = self.__dict__.setdefault("_choice_table_cache", {})
         if key not in cache:
-            cache[key] = self._build_choice_tables(dtype, device)
+            # Plain tensors even when first asked for under inference_mode (an inference
+            # tensor could not be saved for a later training step's backward).
+            with torch.inference_mode(False), torch.no_grad():
+                cache[key] = self._build_choice_tables(dtype, device)
         return cache[key]
 
     def _build_choice_tables(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:

@@ -146,20 +146,24 @@ def step_loss(
     weights = config.loss_weights()
     if config.validate_router_input:
         check_sequences(seqs, model.num_items, seqs.shape[1])
-    router_logits = model.router.logits_unchecked(seqs)
-    choice = gumbel_straight_through(router_logits, tau, noise)
+    # The router's distribution, the Gumbel sample and the auxiliary losses stay in fp32
+    # under bf16 autocast (they are [B, C] small; their statistics are what the router learns).
+    router_logits = model.router.logits_unchecked(seqs).float()
+    with torch.autocast(seqs.device.type, enabled=False):
+        choice = gumbel_straight_through(router_logits, tau, noise)
     hidden = model.supernet.hidden_masked(seqs, choice)
     ce = _next_item(model, hidden, targets, target_positions, all_positions)
     # Windows end at a real item, so the last target is always real (the guide needs it).
     hits = smallest_hits(model, seqs, targets[:, -1], k=weights.guide_k)
-    guide = guide_loss(router_logits, hits, model.space, weights)
-    uniform = uniform_loss(router_logits)
-    loss = ce + weights.guide * guide + weights.uniform * uniform
-    parts = {"next_item": ce.detach(), "guide": guide.detach(), "uniform": uniform.detach()}
-    if weights.balance:
-        balance = balance_loss(router_logits)
-        loss = loss + weights.balance * balance
-        parts["balance"] = balance.detach()
+    with torch.autocast(seqs.device.type, enabled=False):
+        guide = guide_loss(router_logits, hits, model.space, weights)
+        uniform = uniform_loss(router_logits)
+        loss = ce + weights.guide * guide + weights.uniform * uniform
+        parts = {"next_item": ce.detach(), "guide": guide.detach(), "uniform": uniform.detach()}
+        if weights.balance:
+            balance = balance_loss(router_logits)
+            loss = loss + weights.balance * balance
+            parts["balance"] = balance.detach()
     return loss, parts, choice.detach().argmax(dim=-1)
 
 
@@ -201,8 +205,8 @@ class _DeviceSums:
             if name not in self.parts:
                 self.parts[name] = torch.zeros_like(self.loss)
             self.parts[name] += value
-        if chosen is not None:
-            self.sampled += torch.bincount(chosen, minlength=self.sampled.numel())
+        if chosen is not None:  # index_add_, not bincount: CUDA's bincount reads min/max back
+            self.sampled.index_add_(0, chosen, torch.ones_like(chosen))
 
     def mean_loss(self, steps: int) -> float:
         return float(self.loss) / steps

@@ -342,3 +342,47 @@ def test_bf16_precision_is_refused_on_cpu() -> None:
         config_from_dict({"precision": "fp16"})
     with pytest.raises(ConfigError, match="clip_grad_norm"):
         config_from_dict({"clip_grad_norm": -1.0})
+
+
+def test_masked_path_used_under_inference_mode_first_still_trains(data) -> None:
+    """The cached choice tables (and the guide's) are plain tensors even when first built under
+    torch.inference_mode: a later training step can save them for backward."""
+    config = config_from_dict(TINY)
+    model = build_model(config, data.num_items)
+    seqs, targets = next(data.train_batches(8, torch.Generator().manual_seed(0)))
+    with torch.inference_mode():
+        model.score_masked(seqs, model.one_hot(torch.zeros(8, dtype=torch.int64)))
+        hits = smallest_hits(model, seqs, targets[:, -1])
+        from canet.losses import guide_loss
+
+        guide_loss(torch.zeros(8, model.space.n_configs), hits, model.space)
+    loss, _, _ = step_loss(model.train(), seqs, targets, config, 1.0, None)
+    loss.backward()
+    assert model.router.head.weight.grad is not None
+
+
+@pytest.mark.parametrize("fixed", [None, 2])
+@pytest.mark.parametrize("all_positions", [False, True])
+def test_bf16_autocast_step_runs_and_keeps_fp32_statistics(data, fixed, all_positions) -> None:
+    """The plumbing of precision bf16, on CPU (where training refuses it for speed, not
+    correctness): the step runs under autocast, its loss is float32 and near the fp32 loss,
+    and every gradient lands in the fp32 master weights."""
+    config = config_from_dict({**TINY, "dropout": 0.0})
+    model = build_model(config, data.num_items).train()
+    seqs, targets = next(data.train_batches(16, torch.Generator().manual_seed(0), trim=True))
+
+    def loss_of(bf16: bool):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, parts, _ = step_loss(model, seqs, targets, config, 1.0,
+                                       torch.Generator().manual_seed(2), fixed,
+                                       all_positions=all_positions)
+        loss.backward()
+        return loss, parts
+
+    want, _ = loss_of(False)
+    got, parts = loss_of(True)
+    assert got.dtype == torch.float32 and all(v.dtype == torch.float32 for v in parts.values())
+    assert torch.isfinite(got) and (got - want).abs() <= 0.05 * want.abs()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
