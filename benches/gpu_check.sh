@@ -7,13 +7,15 @@
 #   3. the GPU tests (pytest -m "gpu and not slow" over the modules that hold them);
 #   4. the GPU benchmark (benches/gpu_bench.py): <results>/<date>-<gpu>.{json,md};
 #   5. the op micro-benchmark (benches/bench_ops_gpu.py): <results>/<date>-<gpu>-ops.{json,md};
-#   6. compute-sanitizer memcheck over one plan and one score_topk (pytest -m "gpu and slow").
+#   6. the training benchmark (canet bench --train --device cuda: CANet and the full-size model,
+#      B=128, L=50, N~24k, fp32 vs bf16, new vs old step): <results>/<date>-<gpu>-train.{json,md};
+#   7. compute-sanitizer memcheck over one plan and one score_topk (pytest -m "gpu and slow").
 #
 # No step stops the others. Each runs under `timeout -k 10` with its own limit (environment
-# 40 s, build 150, canet.info 20, tests 100, op benchmark 35, sanitizer 60; the GPU benchmark
-# gets whatever the earlier steps left of CHECK_BUDGET_S, 480 s by default, well inside a
-# 600 s command limit, less the two later steps' limits), and its name, exit status and
-# seconds are recorded. On exit, whatever happened, the summary is written to
+# 40 s, build 150, canet.info 20, tests 100, op benchmark 35, training benchmark 60, sanitizer
+# 60; the GPU benchmark gets whatever the earlier steps left of CHECK_BUDGET_S, 480 s by
+# default, well inside a 600 s command limit, less the later steps' limits), and its name,
+# exit status and seconds are recorded. On exit, whatever happened, the summary is written to
 # <results>/<date>-<gpu>-check.{json,md}, the whole output is in <date>-<gpu>-check.log, the
 # step table is printed last, and the exit status is 1 if any step failed or could not run.
 #
@@ -149,8 +151,9 @@ finish() {
     printf '  "python": %s,\n  "budget_s": %s,\n  "seconds": %s,\n  "ok": %s,\n' \
       "$(json_str "$PYTHON")" "$BUDGET_S" "$((SECONDS - START))" \
       "$( ((failed)) && echo false || echo true)"
-    printf '  "files": {"bench": %s, "ops": %s, "log": %s},\n' "$(json_str "$NAME.json")" \
-      "$(json_str "$NAME-ops.json")" "$(json_str "$NAME-check.log")"
+    printf '  "files": {"bench": %s, "ops": %s, "train": %s, "log": %s},\n' \
+      "$(json_str "$NAME.json")" "$(json_str "$NAME-ops.json")" "$(json_str "$NAME-train.json")" \
+      "$(json_str "$NAME-check.log")"
     printf '  "environment": %s,\n  "steps": [' "$env_json"
     for i in "${!STEP_NAMES[@]}"; do
       ((i)) && printf ','
@@ -173,7 +176,7 @@ finish() {
     done
   } >"$BASE-check.md"
   echo
-  for f in "$BASE.md" "$BASE-ops.md"; do
+  for f in "$BASE.md" "$BASE-ops.md" "$BASE-train.md"; do
     [[ -f "$f" ]] && cat "$f" && echo
   done
   echo "files in $RESULTS:"
@@ -311,6 +314,9 @@ if ((DRY_RUN)); then
   gated_step torch "GPU benchmark --dry-run" 60 "$PYTHON" benches/gpu_bench.py --dry-run
   gated_step torch "op micro-benchmark --dry-run" 60 \
     "$PYTHON" benches/bench_ops_gpu.py --dry-run --out "$RESULTS" --name "$NAME-ops"
+  gated_step torch "training benchmark (tiny, on CPU)" 60 \
+    "$PYTHON" -m canet.bench --train --users 40 --items 30 --steps 1 --old-steps 1 \
+    --out "$RESULTS/$NAME-train.json"
   exit 0  # finish (the EXIT trap) decides the status
 fi
 
@@ -337,7 +343,7 @@ gated_step "cuda pytest" "GPU tests (pytest -m 'gpu and not slow')" 100 \
 
 # -- 4, 5. benchmarks -----------------------------------------------------------------------
 # The GPU benchmark gets what the earlier steps left, less what the two later steps need.
-LATER_STEPS_S=$((35 + 60 + 3 * KILL_GRACE))  # their limits and the three kill graces
+LATER_STEPS_S=$((35 + 60 + 60 + 4 * KILL_GRACE))  # their limits and the four kill graces
 limit=$(step_limit $((BUDGET_S - (SECONDS - START) - LATER_STEPS_S)))
 gated_step cuda "GPU benchmark (benches/gpu_bench.py)" "$limit" \
   "$PYTHON" benches/gpu_bench.py --budget-s "$((limit > 50 ? limit - 40 : 10))" \
@@ -345,7 +351,12 @@ gated_step cuda "GPU benchmark (benches/gpu_bench.py)" "$limit" \
 gated_step cuda "op micro-benchmark (benches/bench_ops_gpu.py)" 35 \
   "$PYTHON" benches/bench_ops_gpu.py --out "$RESULTS" --name "$NAME-ops"
 
-# -- 6. compute-sanitizer -------------------------------------------------------------------
+# -- 6. training throughput -----------------------------------------------------------------
+gated_step cuda "training benchmark (canet bench --train --device cuda)" 60 \
+  "$PYTHON" -m canet.bench --train --device cuda --precision fp32,bf16 --steps 20 \
+  --old-steps 3 --out "$RESULTS/$NAME-train.json"
+
+# -- 7. compute-sanitizer -------------------------------------------------------------------
 # The test's own timeout stays under the step's, so that a slow run reports what it printed.
 limit=$(step_limit 60)
 CANET_SANITIZER_TIMEOUT_S=$((limit > 30 ? limit - 15 : 15)) gated_step "cuda pytest" \

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from .. import backends as backend_registry
+from ..config import PRECISIONS
+from ..errors import ConfigError
 from ..space import RoutingSpace
 from .analysis import MAX_REL_ERROR, evaluate_targets
 from .measure import run
@@ -42,6 +44,9 @@ from .workload import (
 )
 
 __all__ = ["main"]
+
+# Flags of the inference benchmark that --train does not use.
+INFERENCE_ONLY = ("--batch", "--mix", "--backends", "--plot", "--quick", "--seq-len")
 
 
 def _int_list(text: str) -> list[int]:
@@ -107,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--old-steps", type=int, default=5,
                        help="batches timed with the old step; 0 = a whole epoch "
                             "(default: %(default)s)")
+    train.add_argument("--device", default="cpu", help="training device (default: cpu)")
+    train.add_argument("--precision", type=_name_list(PRECISIONS), default="fp32",
+                       help="comma-separated training precisions, bf16 on CUDA only "
+                            "(default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN,
                         help="sequence length L (default: %(default)s; change only to test)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of model and inputs")
@@ -132,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.items is not None and args.items < 1 or args.seq_len < 1:
         parser.error("--items and --seq-len must be >= 1")
     if args.train:
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        ignored = sorted(given & set(INFERENCE_ONLY))
+        if ignored:
+            parser.error(f"{', '.join(ignored)} do not apply to --train")
         return _main_train(args, parser)
+    if args.device != "cpu" or args.precision != ["fp32"]:
+        parser.error("--device and --precision apply to --train only")
     args.items = args.items or NUM_ITEMS
 
     backends, skipped = available_backends(args.backends)
@@ -210,12 +225,15 @@ def _main_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if args.users < 10 or args.steps < 0 or args.old_steps < 0:
         parser.error("--users must be >= 10, --steps and --old-steps >= 0")
     out = args.out or Path("benches/results") / f"train-cpu-{dt.date.today().isoformat()}.json"
-    report = measure_training(
-        threads=torch.get_num_threads(), num_users=args.users,
-        num_items=args.items or TRAIN_ITEMS, steps=args.steps or None,
-        old_steps=args.old_steps or None, seed=args.seed,
-        log=lambda message: print(message, file=sys.stderr, flush=True),
-    )
+    try:
+        report = measure_training(
+            threads=torch.get_num_threads(), num_users=args.users,
+            num_items=args.items or TRAIN_ITEMS, steps=args.steps or None,
+            old_steps=args.old_steps or None, device=args.device, precisions=args.precision,
+            seed=args.seed, log=lambda message: print(message, file=sys.stderr, flush=True),
+        )
+    except ConfigError as error:  # e.g. bf16 on a CPU
+        parser.error(str(error))
     report = {"schema": 1, "kind": "training", "machine": machine_info(), **report}
     text = training_markdown(report, report["machine"])
     print(text)

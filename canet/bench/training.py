@@ -5,6 +5,8 @@ without validation or checkpoints) for CANet and for the full-size model (the la
 sub-network alone), each with the current step and with the step as it was before issue 13
 (full ``max_len`` batches in the plain order, logits at every position, every gradient read
 back), side by side in one run, on a seeded synthetic log shaped like a public mid-size log.
+The old step is emulated inside today's loop, so it shares today's fused Adam, in-place padding
+column and cached mask tables: the new-vs-old speedup it reports is, if anything, too small.
 
 **The fraction of the FLOP limit.** The real work of an epoch is its real targets (positions
 with a next item; padding excluded) times the forward+backward FLOPs of one target at the
@@ -37,6 +39,7 @@ from ..flops import flops
 from ..space import RoutingSpace
 from ..train import time_training
 from .timing import time_repeats
+from .workload import DTYPES
 
 __all__ = [
     "TRAIN_ITEMS",
@@ -103,14 +106,19 @@ def per_target_flops(space: RoutingSpace, num_items: int) -> int:
     return 3 * flops(space.configs[space.largest_id], 1, num_items)
 
 
-def gemm_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
-    """The machine's float32 FLOP limit at the current thread count: the best of ``repeats``
-    ``torch.mm`` calls of two ``size x size`` matrices."""
+def gemm_flops_per_second(
+    size: int | None = None, repeats: int = 5, device: str = "cpu", precision: str = "fp32"
+) -> float:
+    """The FLOP limit: the best of ``repeats`` ``torch.mm`` calls of two ``size x size``
+    matrices (2048 on CPU, at the current thread count; 8192 on CUDA) in the precision's
+    dtype (fp32 follows torch's tf32 switch on CUDA, as training does)."""
+    size = size or (8192 if device.startswith("cuda") else 2048)
+    dtype = DTYPES[precision]
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator)
-    b = torch.randn(size, size, generator=generator)
-    out = torch.empty(size, size)
-    timing = time_repeats(lambda: torch.mm(a, b, out=out), repeats, warmup_calls=2)
+    a, b = (torch.randn(size, size, generator=generator).to(device, dtype) for _ in range(2))
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    clock = "cuda" if device.startswith("cuda") else "wall"
+    timing = time_repeats(lambda: torch.mm(a, b, out=out), repeats, warmup_calls=2, clock=clock)
     return 2 * size**3 / min(timing.times)
 
 
@@ -123,14 +131,18 @@ def measure_training(
     old_steps: int | None = 5,
     models: Sequence[str] = MODELS,
     paths: Sequence[str] = PATHS,
+    device: str = "cpu",
+    precisions: Sequence[str] = ("fp32",),
     seed: int = 0,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Time every (model, path) on one synthetic log; returns the report (JSON-able).
+    """Time every (model, path, precision) on one synthetic log; returns the report (JSON-able).
 
     ``steps`` / ``old_steps``: batches timed with the new / old step (None = the whole epoch);
     the batch order is random, so a prefix is a fair sample, and seconds per epoch are
     extrapolated from it (``epoch_seconds``; ``measured_whole_epoch`` says when they were not).
+    The old step runs in fp32 only. Each run's fraction of the FLOP limit is against a matmul
+    in its own precision on ``device``.
     """
     torch.set_num_threads(threads)
     data = training_data(num_users, num_items, seed)
@@ -139,38 +151,30 @@ def measure_training(
     epoch_batches = data.num_train_batches(TRAIN_BATCH)
     log(f"training benchmark: {data.num_users} users, {data.num_items} items, "
         f"{len(data.sample_users)} windows ({epoch_batches} batches of {TRAIN_BATCH}), "
-        f"{threads} thread(s)")
-    gemm_before = gemm_flops_per_second()
+        f"{device}, {threads} thread(s)")
+    gemm_before = {p: gemm_flops_per_second(device=device, precision=p) for p in precisions}
     runs = []
     for model in models:
         for path in paths:
-            config = config_from_dict({
-                "max_len": TRAIN_MAX_LEN, "batch_size": TRAIN_BATCH, "threads": threads,
-                "progress": False, "seed": seed,
-                "fixed_config": None if model == "canet" else "largest",
-            })
-            limit = steps if path == "new" else old_steps
-            record = time_training(config, data, steps=limit, reference_step=path == "old")
-            seconds_per_step = record["train_seconds"] / record["steps"]
-            run = {
-                "model": model,
-                "path": path,
-                "steps": record["steps"],
-                "targets": record["targets"],
-                "seconds": record["train_seconds"],
-                "steps_per_second": record["steps_per_second"],
-                "targets_per_second": record["targets_per_second"],
-                "epoch_seconds": seconds_per_step * epoch_batches,
-                "measured_whole_epoch": record["steps"] == epoch_batches,
-                "loss": record["loss"],
-            }
-            runs.append(run)
-            log(f"  {model:<5} {path}: {run['steps']} steps in {run['seconds']:.1f}s, "
-                f"{run['targets_per_second']:,.0f} targets/s, epoch ~{run['epoch_seconds']:.0f}s")
-    gemm = max(gemm_before, gemm_flops_per_second())
+            for precision in precisions:
+                if path == "old" and precision != "fp32":
+                    continue
+                config = config_from_dict({
+                    "max_len": TRAIN_MAX_LEN, "batch_size": TRAIN_BATCH, "threads": threads,
+                    "progress": False, "seed": seed, "device": device, "precision": precision,
+                    "fixed_config": None if model == "canet" else "largest",
+                })
+                runs.append(_timed_run(config, data, model, path, precision,
+                                       steps if path == "new" else old_steps, epoch_batches))
+                run = runs[-1]
+                log(f"  {model:<5} {path} {precision}: {run['steps']} steps in "
+                    f"{run['seconds']:.1f}s, {run['targets_per_second']:,.0f} targets/s, "
+                    f"epoch ~{run['epoch_seconds']:.0f}s")
+    gemm = {p: max(gemm_before[p], gemm_flops_per_second(device=device, precision=p))
+            for p in precisions}
     for run in runs:
-        run["flop_fraction"] = run["targets_per_second"] * per_target / gemm
-    by = {(r["model"], r["path"]): r for r in runs}
+        run["flop_fraction"] = run["targets_per_second"] * per_target / gemm[run["precision"]]
+    by = {(r["model"], r["path"]): r for r in runs if r["precision"] == "fp32"}
     summary: dict[str, Any] = {}
     for model in models:
         if (model, "new") in by and (model, "old") in by:
@@ -193,6 +197,7 @@ def measure_training(
             "users": data.num_users, "items": data.num_items,
             "windows": int(len(data.sample_users)), "epoch_batches": epoch_batches,
             "batch_size": TRAIN_BATCH, "max_len": TRAIN_MAX_LEN, "threads": threads,
+            "device": device, "precisions": list(precisions),
             "steps": steps, "old_steps": old_steps, "seed": seed,
             "log": f"training_log(lengths {MIN_LENGTH} + floor(lognormal({LENGTH_MU}, "
                    f"{LENGTH_SIGMA})), items Zipf {ITEM_ZIPF})",
@@ -201,11 +206,28 @@ def measure_training(
         },
         "per_target_flops": per_target,
         "gemm_flops_per_second": gemm,
-        "gemm_flops_per_second_before_after": [gemm_before, gemm],
+        "gemm_flops_per_second_before": gemm_before,
         "runs": runs,
         "summary": summary,
         "targets": targets,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _timed_run(config, data, model, path, precision, limit, epoch_batches) -> dict[str, Any]:
+    record = time_training(config, data, steps=limit, reference_step=path == "old")
+    return {
+        "model": model,
+        "path": path,
+        "precision": precision,
+        "steps": record["steps"],
+        "targets": record["targets"],
+        "seconds": record["train_seconds"],
+        "steps_per_second": record["steps_per_second"],
+        "targets_per_second": record["targets_per_second"],
+        "epoch_seconds": record["train_seconds"] / record["steps"] * epoch_batches,
+        "measured_whole_epoch": record["steps"] == epoch_batches,
+        "loss": record["loss"],
     }
 
 
@@ -219,16 +241,21 @@ def training_markdown(report: dict[str, Any], machine: dict[str, Any]) -> str:
         f"Synthetic log: {s['users']:,} users, {s['items']:,} items, {s['windows']:,} training "
         f"windows, mean length {s['mean_length']:.1f}, max {s['max_length']}; batch "
         f"{s['batch_size']}, max_len {s['max_len']}; {s['epoch_batches']} batches per epoch.",
-        f"FLOP limit: {report['gemm_flops_per_second'] / 1e9:.1f} GFLOP/s (float32 matmul, "
-        f"same threads, same run); real work: {report['per_target_flops'] / 1e6:.1f} MFLOP per "
-        "target (forward+backward at the largest config, see canet/bench/training.py).",
+        "FLOP limit (matmul on "
+        f"{s['device']}, same threads, same run): "
+        + ", ".join(f"{p} {v / 1e9:.1f} GFLOP/s"
+                    for p, v in report["gemm_flops_per_second"].items())
+        + f"; real work: {report['per_target_flops'] / 1e6:.1f} MFLOP per target "
+        "(forward+backward at the largest config, see canet/bench/training.py).",
         "",
-        "| model | step | steps timed | s/step | targets/s | epoch (s) | fraction of FLOP limit |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | step | precision | steps timed | s/step | targets/s | epoch (s) "
+        "| fraction of FLOP limit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["runs"]:
         lines.append(
-            f"| {r['model']} | {r['path']} | {r['steps']} | {r['seconds'] / r['steps']:.3f} | "
+            f"| {r['model']} | {r['path']} | {r['precision']} | {r['steps']} "
+            f"| {r['seconds'] / r['steps']:.3f} | "
             f"{r['targets_per_second']:,.0f} | {r['epoch_seconds']:.1f}"
             f"{'' if r['measured_whole_epoch'] else ' (extrapolated)'} | "
             f"{r['flop_fraction']:.3f} (1/{1 / r['flop_fraction']:.1f}) |"

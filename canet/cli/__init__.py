@@ -38,7 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 # Subcommands that own their whole argument list (parsed by their module's main(argv)).
 PASSTHROUGH: dict[str, tuple[str, str]] = {
-    "bench": ("canet.cli.bench", "benchmarks of the engine backends (canet.bench)"),
+    "bench": ("canet.cli.bench",
+              "benchmarks: inference of the engine backends, or training throughput (--train)"),
 }
 EXIT_USAGE = 2
 
