@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +118,28 @@ def test_per_user_ranks_reproduce_the_metrics_and_standard_errors(setup) -> None
         hits.std(ddof=1) / np.sqrt(len(hits)), rel=1e-9
     )
     assert "per_user" not in evaluate(model, data, "test")
+
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ml100k-tiny-b98b0d9"
+ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k.inter"
+
+
+@pytest.mark.skipif(not ML100K.exists(), reason=f"needs {ML100K} (../shared/data)")
+def test_a_checkpoint_saved_before_the_training_rewrite_evaluates_as_it_did() -> None:
+    """A checkpoint trained and evaluated by canet at b98b0d9 (before the layered package and the
+    fast training step): today's code loads it and gives the same test metrics, standard
+    errors, routing and FLOPs (the fixture's expected_test_metrics.json says how it was made)."""
+    from canet.checkpoint import load_checkpoint
+    from canet.data import load_dataset
+
+    expected = json.loads((FIXTURE / "expected_test_metrics.json").read_text())
+    loaded = load_checkpoint(FIXTURE)
+    config = loaded.config
+    data = load_dataset(ML100K, **config.dataset_options())
+    got = evaluate(loaded.model, data, "test", ks=config.ks,
+                   exclude_history=config.exclude_history, batch_size=256)
+    assert got["num_users"] == expected["num_users"]
+    assert got["routing"]["histogram"] == expected["routing"]["histogram"]
+    assert got["metrics"] == pytest.approx(expected["metrics"], rel=1e-9, abs=1e-12)
+    assert got["standard_errors"] == pytest.approx(expected["standard_errors"], rel=1e-9)
+    assert got["flops"] == pytest.approx(expected["flops"], rel=1e-12)
