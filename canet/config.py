@@ -187,6 +187,12 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        # An infinite loss weight or temperature makes every step's loss non-finite: every step
+        # is skipped, and before the epoch check a run "succeeded" without training.
+        for name in ("guide_weight", "uniform_weight", "balance_weight", "sharpness_emb",
+                     "sharpness_hidden", "sharpness_depth", "tau_start", "tau_end", "tau_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.lr > 0 or not math.isfinite(self.lr):

@@ -378,6 +378,20 @@ class _Run:
             if config.progress and steps % PROGRESS_EVERY == 0:
                 bar.set_postfix(loss=f"{sums.mean_loss(steps):.4f}", refresh=False)
         bar.close()
+        if steps == 0 and (max_steps is None or max_steps > 0):
+            # An epoch without an optimizer step would let the run "succeed" and save an
+            # untrained model as best/ (every batch skipped under max_bad_steps, or no windows).
+            if skipped:
+                raise TrainingDivergedError(
+                    f"training stopped: epoch {self.epoch + 1} took no optimizer step (all "
+                    f"{skipped} batches had a NaN/inf loss or gradient); check the loss weights, "
+                    f"temperatures and lr (now {config.lr}) or the data"
+                )
+            raise TrainingDivergedError(
+                f"training stopped: epoch {self.epoch + 1} took no optimizer step: the data "
+                f"has no training windows ({self.data.path}: every user has fewer than 4 "
+                "interactions)"
+            )
         means = sums.means(steps)  # reads the epoch's sums back (waits for the device)
         seconds = time.perf_counter() - started
         lr = self.optimizer.param_groups[0]["lr"]

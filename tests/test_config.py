@@ -59,6 +59,12 @@ def test_unknown_key_is_rejected_with_the_valid_keys(tmp_path) -> None:
         ({"fixed_config": "medium"}, "fixed_config must be 'largest', 'smallest'"),
         ({"hidden": [64, 96, 130]}, "divisible by heads"),
         ({"format": "parquet"}, "format must be one of"),
+        # Infinite loss weights / temperatures made every step non-finite (all skipped).
+        ({"guide_weight": float("inf")}, "guide_weight must be a finite number, got inf"),
+        ({"uniform_weight": float("inf")}, "uniform_weight must be a finite"),
+        ({"sharpness_depth": float("inf")}, "sharpness_depth must be a finite"),
+        ({"tau_start": float("inf")}, "tau_start must be a finite"),
+        ({"tau_end": float("nan")}, "tau_end must be a finite"),
     ],
 )
 def test_wrong_values_are_rejected(overrides, message) -> None:

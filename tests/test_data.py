@@ -438,6 +438,21 @@ def test_no_user_with_three_interactions_raises() -> None:
         build_dataset(make_log(SPLIT_ROWS), max_len=5, min_item_inter=100)
 
 
+def test_no_training_window_raises() -> None:
+    # Every user has exactly 3 interactions: one training item each, so no (input, target)
+    # window; training would take no step.
+    rows = [(u, i, float(t)) for u in "12" for t, i in enumerate("123")]
+    with pytest.raises(DataFormatError, match="no training windows: every user has fewer than 4"
+                       ) as caught:
+        build_dataset(make_log(rows, path="three.txt"), max_len=5)
+    assert caught.value.path == "three.txt" and caught.value.line is None
+    # One user with 4 interactions is enough (and a train-only user with 2 also gives one).
+    assert build_dataset(make_log([*rows, ("1", "4", 9.0)]), max_len=5).stats[
+        "num_train_samples"] == 1
+    assert build_dataset(make_log([*rows, ("3", "1", 0.0), ("3", "2", 1.0)]), max_len=5).stats[
+        "num_train_samples"] == 1
+
+
 @pytest.mark.parametrize(
     "kwargs", [{"max_len": 0}, {"max_len": 2.5}, {"max_len": 3, "min_user_inter": -1}]
 )

@@ -293,7 +293,8 @@ def build_dataset(
     Raises:
         ConfigError: bad ``max_len``/threshold values.
         DataFormatError: (``log.path``, no line) when no user has ``MIN_EVAL_INTERACTIONS``
-            interactions left.
+            interactions left, or no user a training window (a training prefix of 2+ items:
+            every user has fewer than ``MIN_EVAL_INTERACTIONS + 1`` interactions).
     """
     max_len = check_count("max_len", max_len, 1)
     min_user_inter = check_count("min_user_inter", min_user_inter, 0)
@@ -333,6 +334,19 @@ def build_dataset(
             f"(min_user_inter="
             f"{min_user_inter}, min_item_inter={min_item_inter}; {len(rows)} of {len(log)} rows "
             "kept); leave-one-out needs a training item, a validation and a test target",
+        )
+    if not np.any(split_ends(counts).train >= 2):
+        # A training window needs an input and a target in the training prefix (everything
+        # before the validation and test targets): without one, training would take no step
+        # and save an untrained model as if it had trained.
+        raise DataFormatError(
+            log.path,
+            None,
+            f"no training windows: every user has fewer than {MIN_EVAL_INTERACTIONS + 1} "
+            f"interactions after filtering (min_user_inter={min_user_inter}, "
+            f"min_item_inter={min_item_inter}; {len(rows)} of {len(log)} rows kept); a user "
+            f"needs {MIN_EVAL_INTERACTIONS + 1}+ to train on (input and target) besides the "
+            "validation and test targets",
         )
     offsets = np.zeros(vocab.num_users + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
