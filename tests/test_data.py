@@ -607,18 +607,18 @@ def test_sliding_windows_long_history() -> None:
 def test_every_training_target_covered_exactly_once(
     lengths: list[int], max_len: int, batch_size: int
 ) -> None:
-    # Distinct items everywhere, so a pair identifies its position; one extra user ensures a
-    # user with >= 3 interactions exists.
+    # Distinct items everywhere, so a pair identifies its position; one extra user with 4
+    # interactions ensures an evaluated user and a training window exist.
     rows = []
     counter = 0
-    for user, length in enumerate([*lengths, 3]):
+    for user, length in enumerate([*lengths, 4]):
         for t in range(length):
             rows.append((f"u{user:02d}", f"i{counter:05d}", float(t)))
             counter += 1
     data = build_dataset(make_log(rows), max_len=max_len)
     expected: Counter = Counter()
     first_id = 1
-    for length in [*lengths, 3]:
+    for length in [*lengths, 4]:
         prefix = length - 2 if length >= 3 else length
         expected.update((first_id + t, first_id + t + 1) for t in range(prefix - 1))
         first_id += length
