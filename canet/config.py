@@ -19,9 +19,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
 
-from .errors import ConfigError
+from .engine import resolve_device
+from .errors import CanetError, ConfigError
 from .losses import LossWeights
 from .space import DEFAULT_DEPTHS, DEFAULT_EMB, DEFAULT_HEADS, DEFAULT_HIDDEN, RoutingSpace
 
@@ -167,6 +169,15 @@ class TrainConfig:
             )
         return value
 
+    def torch_device(self) -> torch.device:
+        """``device`` as a torch.device, checked to exist here (ConfigError otherwise, e.g.
+        "CUDA is not available in this torch build"). :meth:`validate` checks the syntax only,
+        so a checkpoint saved on a GPU machine still loads on a CPU one."""
+        try:
+            return resolve_device(self.device)
+        except (ValueError, CanetError) as error:
+            raise ConfigError(str(error)) from None
+
     def tau(self, epoch: int) -> float:
         """Gumbel temperature of 0-based ``epoch``."""
         return max(self.tau_end, self.tau_start * self.tau_decay**epoch)
@@ -208,6 +219,10 @@ class TrainConfig:
             raise ConfigError(
                 f"clip_grad_norm must be a finite number >= 0 (0 = off), got {self.clip_grad_norm}"
             )
+        try:
+            resolve_device(self.device, check_available=False)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}"
@@ -404,6 +419,9 @@ def load_config(
         if not isinstance(overrides, Mapping):
             overrides = parse_overrides(overrides)
         config = config_from_dict(overrides, config, source="command line")
+    # A config loaded to train here: refuse a device this machine lacks before any data is
+    # read or run directory created (a saved config is only syntax-checked, see torch_device).
+    config.torch_device()
     return config
 
 

@@ -12,15 +12,65 @@ import torch
 from torch import Tensor
 
 from . import _ext, backends, ops
+from .backends import BackendUnavailableError
 from .checks import check_config_ids, check_sequences
 from .flops import batch_flops, flops, flops_router
 from .model import CANet
 from .space import Config
 
-__all__ = ["Engine", "PlanSummary", "GroupSpan"]
+__all__ = ["Engine", "PlanSummary", "GroupSpan", "resolve_device"]
 
 # Recommend scores at most this many (user, item) pairs at once, whatever the batch size.
 DEFAULT_MAX_SCORE_ELEMENTS = 1 << 24
+
+
+# Device types canet runs on (training and inference); others fail deep inside torch.
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device, *, check_available: bool = True) -> torch.device:
+    """``device`` parsed and checked: a torch.device of a type canet runs on that exists here
+    (``check_available=False``: the parse and type checks only, e.g. for a saved config that
+    may come from another machine).
+
+    Raises ValueError for a malformed device or a type canet does not run on ("meta" holds
+    shapes only, no data), and BackendUnavailableError for a CUDA device this torch build or
+    machine lacks, each with a one-line message saying what was expected and what came.
+    """
+    try:
+        parsed = device if isinstance(device, torch.device) else torch.device(str(device))
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"device must be 'cpu', 'cuda' or 'cuda:N', got {str(device)[:80]!r}"
+        ) from None
+    if parsed.type == "meta":
+        raise ValueError(
+            "device 'meta' holds tensor shapes only, no data, so nothing can be computed on "
+            "it; use 'cpu' or 'cuda'"
+        )
+    if parsed.type not in DEVICE_TYPES:
+        raise ValueError(
+            f"device must be 'cpu', 'cuda' or 'cuda:N' (canet runs on CPUs and CUDA GPUs), "
+            f"got {str(device)[:80]!r}"
+        )
+    if parsed.type == "cuda" and check_available:
+        if torch.version.cuda is None:
+            raise BackendUnavailableError(
+                f"device {str(device)!r}: CUDA is not available in this torch build "
+                f"({torch.__version__}); use 'cpu' or install a CUDA build of torch"
+            )
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                f"device {str(device)!r}: CUDA is not available: torch {torch.__version__} "
+                "sees no CUDA GPU (no driver, or CUDA_VISIBLE_DEVICES hides them); use 'cpu'"
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise BackendUnavailableError(
+                f"device {str(device)!r} does not exist: torch sees {count} CUDA device(s) "
+                f"(cuda:0 .. cuda:{count - 1})"
+            )
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -84,6 +134,12 @@ class Engine:
             raise ValueError(f"Engine needs a canet.CANet, got {type(model).__name__}")
         state = model.state_dict()
         reference = state["supernet.out.weight"]
+        if reference.device.type == "meta":
+            # Every backend would fail deep inside (or compute garbage from) shape-only tensors.
+            raise ValueError(
+                "Engine needs a model with weights; this one is on the meta device (shapes "
+                "only): load its weights (e.g. canet.load_checkpoint) or move it to cpu/cuda"
+            )
         self.device = reference.device
         self.dtype = reference.dtype if dtype is None else dtype
         if not self.dtype.is_floating_point:

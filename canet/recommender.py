@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .data import Vocab, read_interactions
-from .engine import Engine
+from .engine import Engine, resolve_device
 from .errors import DataFormatError
 from .model import CANet
 
@@ -72,6 +72,8 @@ class Recommender:
         """Load a run directory (its ``best/``) or a checkpoint directory."""
         from .checkpoint import load_checkpoint
 
+        # Checked before loading: an unavailable CUDA device was an AssertionError from torch.
+        device = resolve_device(device)
         loaded = load_checkpoint(path)
         model = loaded.model.to(device).eval()
         fixed = loaded.config.fixed_config_id(model.space)

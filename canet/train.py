@@ -231,7 +231,7 @@ class _Run:
         self.log = log
         space = config.routing_space()
         self.fixed_id = config.fixed_config_id(space)
-        self.device = torch.device(config.device)
+        self.device = config.torch_device()
         random.seed(config.seed)
         np.random.seed(config.seed % 2**32)
         torch.manual_seed(config.seed)
@@ -487,6 +487,7 @@ def train(
     ``overwrite`` is set, or when resuming would change the architecture or the data;
     TrainingDivergedError after more than ``config.max_bad_steps`` non-finite steps.
     """
+    config.torch_device()  # an unavailable device fails here, before run_dir is created
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for action in ckpt.cleanup_leftovers(run_dir):

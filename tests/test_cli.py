@@ -97,6 +97,17 @@ def test_bad_config_values(tmp_path, capsys) -> None:
     assert f"{cfg}: unknown config key(s) 'bogus'" in _fail(capsys, [*base, "--config", str(cfg)])
 
 
+@pytest.mark.parametrize("device", ["cuda", "meta", "nonsense"])
+def test_bad_device_is_refused_before_anything_is_created(tmp_path, capsys, device) -> None:
+    if device == "cuda" and __import__("torch").cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    log = _write_log(tmp_path / "log.csv")
+    message = _fail(capsys, ["train", "--data", str(log), "--out", str(tmp_path / "r"),
+                             "--device", device])
+    assert f"'{device}'" in message
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_checkpoints(trained, tmp_path, capsys) -> None:
     root, log = trained
     broken = tmp_path / "broken"

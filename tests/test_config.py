@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from canet.config import (
     TrainConfig,
@@ -65,6 +66,9 @@ def test_unknown_key_is_rejected_with_the_valid_keys(tmp_path) -> None:
         ({"sharpness_depth": float("inf")}, "sharpness_depth must be a finite"),
         ({"tau_start": float("inf")}, "tau_start must be a finite"),
         ({"tau_end": float("nan")}, "tau_end must be a finite"),
+        ({"device": "nonsense"}, "device must be 'cpu', 'cuda' or 'cuda:N', got 'nonsense'"),
+        ({"device": "meta"}, "device 'meta' holds tensor shapes only"),
+        ({"device": "mps"}, "canet runs on CPUs and CUDA GPUs"),
     ],
 )
 def test_wrong_values_are_rejected(overrides, message) -> None:
@@ -122,3 +126,14 @@ def test_tau_annealing() -> None:
 def test_positional_token_is_rejected() -> None:
     with pytest.raises(ConfigError, match="expected an option"):
         parse_overrides(["3"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_is_refused_when_loading_a_config_to_train() -> None:
+    # A saved config (config_from_dict) may come from a GPU machine: only its syntax is
+    # checked; load_config (a config to train with here) and torch_device check availability.
+    saved = config_from_dict({"device": "cuda:1"})
+    with pytest.raises(ConfigError, match="device 'cuda:1': CUDA is not available"):
+        saved.torch_device()
+    with pytest.raises(ConfigError, match="device 'cuda': CUDA is not available"):
+        load_config(None, ["--device", "cuda"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from helpers import (  # tests/ is on sys.path (rootdir conftest)
@@ -306,3 +308,36 @@ def test_engine_follows_the_flags_and_missing_capabilities_say_which(monkeypatch
     monkeypatch.setattr(engine._impl, "PLANS_ON_DEVICE", True)
     monkeypatch.setattr(engine._impl, "scores_from_ids", lambda s, i: sentinel)
     assert engine.score(seqs, ids) is sentinel
+
+
+def test_a_model_on_the_meta_device_is_refused_clearly():
+    # Before: backends failed deep inside on shape-only tensors.
+    model = make_model(torch.float32).to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        Engine(model, backend="torch")
+
+
+@pytest.mark.parametrize(
+    ("device", "error", "message"),
+    [
+        ("nonsense", ValueError, "device must be 'cpu', 'cuda' or 'cuda:N', got 'nonsense'"),
+        ("meta", ValueError, "device 'meta' holds tensor shapes only"),
+        ("mps", ValueError, "canet runs on CPUs and CUDA GPUs"),
+        ("cuda:x", ValueError, "got 'cuda:x'"),
+    ],
+)
+def test_resolve_device_refuses_bad_devices(device, error, message):
+    with pytest.raises(error, match=message):
+        canet.engine.resolve_device(device)
+    assert canet.engine.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_resolve_device_says_cuda_is_missing():
+    expected = "CUDA is not available" + (
+        re.escape(f" in this torch build ({torch.__version__})")
+        if torch.version.cuda is None else "")
+    with pytest.raises(BackendUnavailableError, match=expected):
+        canet.engine.resolve_device("cuda")
+    # A saved config from a GPU machine still parses (only the syntax is checked).
+    assert canet.engine.resolve_device("cuda:1", check_available=False).index == 1

@@ -105,3 +105,12 @@ def test_recommender_leaves_the_callers_model_mode_alone(rec) -> None:
         assert fresh.recommend(history, k=4) == rec.recommend(history, k=4)
     finally:
         model.eval()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_from_pretrained_on_an_unavailable_device_is_a_canet_error(run_dir) -> None:
+    # Before: an AssertionError from torch ("Torch not compiled with CUDA enabled").
+    with pytest.raises(canet.errors.CanetError, match="CUDA is not available"):
+        canet.Recommender.from_pretrained(run_dir, device="cuda")
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
+        canet.Recommender.from_pretrained(run_dir, device="gpu")
