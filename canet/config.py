@@ -186,39 +186,36 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> TrainConfig:
-        """Range checks beyond the types (raises ConfigError); returns self."""
-        positive = ("max_len", "heads", "router_dim", "router_heads", "epochs", "batch_size",
-                    "guide_k", "eval_every", "eval_batch_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        non_negative = ("min_user_inter", "min_item_inter", "lr_step_size", "max_bad_steps",
-                        "patience", "threads", "weight_decay", "guide_weight", "uniform_weight",
-                        "balance_weight")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        # An infinite loss weight or temperature makes every step's loss non-finite: every step
-        # is skipped, and before the epoch check a run "succeeded" without training.
-        for name in ("guide_weight", "uniform_weight", "balance_weight", "sharpness_emb",
-                     "sharpness_hidden", "sharpness_depth", "tau_start", "tau_end", "tau_decay"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
-        if not self.lr_gamma > 0:
-            raise ConfigError(f"lr_gamma must be > 0, got {self.lr_gamma}")
-        if not (self.tau_start > 0 and self.tau_end > 0 and self.tau_decay > 0):
-            raise ConfigError(
-                "tau_start, tau_end and tau_decay must be > 0, got "
-                f"{self.tau_start}, {self.tau_end}, {self.tau_decay}"
-            )
-        if not self.clip_grad_norm >= 0 or not math.isfinite(self.clip_grad_norm):
-            raise ConfigError(
-                f"clip_grad_norm must be a finite number >= 0 (0 = off), got {self.clip_grad_norm}"
-            )
+        """Range checks beyond the types (raises ConfigError); returns self.
+
+        Every numeric key has a range (:data:`INT_RANGES`, :data:`FLOAT_RANGES`, the list
+        bounds below): a value out of it fails here with one line naming the key, instead of
+        deep inside torch (an overflowing seed, a NaN weight decay) or as an allocation
+        failure (a huge max_len).
+        """
+        for name, (low, high, why) in INT_RANGES.items():
+            _check_int(name, getattr(self, name), low, high, why)
+        for name, (low, low_open, high, why) in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            # Written so NaN fails too (it compares false with everything); an infinite loss
+            # weight or temperature made every step non-finite (all skipped).
+            inside = math.isfinite(value) and (value > low if low_open else value >= low) and (
+                high is None or value < high)
+            if not inside:
+                if high is not None:
+                    bound = f" in {'(' if low_open else '['}{low:g}, {high:g})"
+                elif math.isinf(low):
+                    bound = ""
+                else:
+                    bound = f" {'>' if low_open else '>='} {low:g}"
+                raise ConfigError(f"{name} must be a finite number{bound}{why}, got {value}")
+        for name in ("depths", "hidden", "emb"):
+            for index, size in enumerate(getattr(self, name)):
+                _check_int(f"{name}[{index}]", size, 1, LIST_MAX[name], "")
+        if not self.ks:
+            raise ConfigError(f"ks must be a non-empty list of ints >= 1, got {self.ks}")
+        for index, k in enumerate(self.ks):
+            _check_int(f"ks[{index}]", k, 1, COUNT_MAX, "")
         try:
             resolve_device(self.device, check_available=False)
         except ValueError as error:
@@ -233,8 +230,6 @@ class TrainConfig:
                 "without native bf16 (AVX512-BF16/AMX) autocast is slower than fp32 (9x on "
                 "this project's AMD EPYC machines, docs/training.md); use precision fp32"
             )
-        if not self.ks or any(k < 1 for k in self.ks):
-            raise ConfigError(f"ks must be a non-empty list of ints >= 1, got {self.ks}")
         if 10 not in self.ks:
             # Early stopping and model selection use NDCG@10 on the validation split.
             raise ConfigError(f"ks must contain 10 (validation selects on ndcg@10), got {self.ks}")
@@ -246,6 +241,62 @@ class TrainConfig:
                                   f"{self.format!r}")
         self.fixed_config_id(self.routing_space())
         return self
+
+
+# Upper bound of plain counts (epochs between decays, patience, filters...): a C int.
+COUNT_MAX = 2**31 - 1
+# max_len sizes every training window and the attention over it (memory ~ batch * max_len**2):
+# far above any sequential-recommendation history, far below an allocation failure.
+MAX_LEN_MAX = 100_000
+
+# int key -> (min, max, why: appended to the message when non-empty).
+INT_RANGES: dict[str, tuple[int, int, str]] = {
+    "min_user_inter": (0, COUNT_MAX, ""),
+    "min_item_inter": (0, COUNT_MAX, ""),
+    "max_len": (1, MAX_LEN_MAX, " (items of history per window; memory grows with "
+                                "batch_size * max_len**2)"),
+    "heads": (1, 4096, ""),
+    "router_dim": (1, 1 << 16, ""),
+    "router_heads": (1, 4096, ""),
+    "epochs": (1, 1_000_000, ""),
+    "batch_size": (1, 1 << 24, ""),
+    "lr_step_size": (0, COUNT_MAX, ""),
+    "guide_k": (1, COUNT_MAX, ""),
+    "max_bad_steps": (0, COUNT_MAX, ""),
+    "eval_every": (1, COUNT_MAX, ""),
+    "patience": (0, COUNT_MAX, ""),
+    "eval_batch_size": (1, 1 << 24, ""),
+    "threads": (0, 4096, ""),
+    # torch's seed range, less one: the noise generator is seeded with seed + 1.
+    "seed": (-(2**63), 2**64 - 2, " (torch's seed range)"),
+}
+# float key -> (min, min excluded, upper bound (excluded) or None, why). All must be finite.
+FLOAT_RANGES: dict[str, tuple[float, bool, float | None, str]] = {
+    "dropout": (0.0, False, 1.0, ""),
+    "lr": (0.0, True, None, ""),
+    "weight_decay": (0.0, False, None, ""),
+    "lr_gamma": (0.0, True, None, ""),
+    "tau_start": (0.0, True, None, ""),
+    "tau_end": (0.0, True, None, ""),
+    "tau_decay": (0.0, True, None, ""),
+    "guide_weight": (0.0, False, None, ""),
+    "uniform_weight": (0.0, False, None, ""),
+    "balance_weight": (0.0, False, None, ""),
+    # Exponents of the guide's soft labels: negative reverses them, 0 makes them uniform.
+    "sharpness_emb": (-math.inf, False, None, ""),
+    "sharpness_hidden": (-math.inf, False, None, ""),
+    "sharpness_depth": (-math.inf, False, None, ""),
+    "clip_grad_norm": (0.0, False, None, " (0 = off)"),
+}
+# Largest entry of each routing-space list.
+LIST_MAX = {"depths": 1024, "hidden": 1 << 16, "emb": 1 << 16}
+
+
+def _check_int(name: str, value: int, low: int, high: int, why: str) -> None:
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low}{why}, got {value}")
+    if value > high:
+        raise ConfigError(f"{name} must be <= {high}{why}, got {value}")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -310,7 +361,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         raise fail()
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond the float range
+                raise fail() from None
         # YAML 1.1 (PyYAML) reads "5e-4" and "1E3" (no dot) as strings, in files and on the
         # command line alike; a user writing them means the number.
         if isinstance(value, str) and _DOTLESS_EXPONENT.fullmatch(value.strip()):

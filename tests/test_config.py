@@ -55,17 +55,36 @@ def test_unknown_key_is_rejected_with_the_valid_keys(tmp_path) -> None:
         ({"lr": True}, "'lr' expects number"),
         ({"depths": [1, "x"]}, r"'depths\[1\]' expects int"),
         ({"epochs": 0}, "epochs must be >= 1"),
-        ({"dropout": 1.5}, "dropout must be in"),
+        ({"dropout": 1.5}, r"dropout must be a finite number in \[0, 1\), got 1.5"),
         ({"fixed_config": 36}, r"fixed_config id must be in \[0, 35\]"),
         ({"fixed_config": "medium"}, "fixed_config must be 'largest', 'smallest'"),
         ({"hidden": [64, 96, 130]}, "divisible by heads"),
         ({"format": "parquet"}, "format must be one of"),
         # Infinite loss weights / temperatures made every step non-finite (all skipped).
-        ({"guide_weight": float("inf")}, "guide_weight must be a finite number, got inf"),
+        ({"guide_weight": float("inf")}, "guide_weight must be a finite number >= 0, got inf"),
         ({"uniform_weight": float("inf")}, "uniform_weight must be a finite"),
         ({"sharpness_depth": float("inf")}, "sharpness_depth must be a finite"),
         ({"tau_start": float("inf")}, "tau_start must be a finite"),
         ({"tau_end": float("nan")}, "tau_end must be a finite"),
+        # Every numeric key is range-checked (issue 14, item 9).
+        ({"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0, got nan"),
+        ({"seed": 2**64 + 1}, r"seed must be <= 18446744073709551614 \(torch's seed range\)"),
+        ({"seed": -(2**63) - 1}, "seed must be >= -9223372036854775808"),
+        ({"max_len": 100_000_000}, r"max_len must be <= 100000 \(items of history"),
+        ({"lr": float("inf")}, "lr must be a finite number > 0, got inf"),
+        ({"lr": 10**400}, "'lr' expects number"),
+        ({"lr_gamma": float("nan")}, "lr_gamma must be a finite number > 0"),
+        ({"tau_decay": 0.0}, "tau_decay must be a finite number > 0, got 0.0"),
+        ({"clip_grad_norm": float("inf")}, r"clip_grad_norm must be a finite number >= 0 \(0 = "),
+        ({"sharpness_emb": float("nan")}, "sharpness_emb must be a finite number, got nan"),
+        ({"threads": 10**6}, "threads must be <= 4096"),
+        ({"epochs": 10**12}, "epochs must be <= 1000000"),
+        ({"batch_size": 2**40}, "batch_size must be <= 16777216"),
+        ({"patience": -1}, "patience must be >= 0"),
+        ({"hidden": [8, 10**8]}, r"hidden\[1\] must be <= 65536, got 100000000"),
+        ({"depths": [0, 2]}, r"depths\[0\] must be >= 1"),
+        ({"ks": [10, 0]}, r"ks\[1\] must be >= 1, got 0"),
+        ({"ks": []}, "ks must be a non-empty list"),
         ({"device": "nonsense"}, "device must be 'cpu', 'cuda' or 'cuda:N', got 'nonsense'"),
         ({"device": "meta"}, "device 'meta' holds tensor shapes only"),
         ({"device": "mps"}, "canet runs on CPUs and CUDA GPUs"),
@@ -137,3 +156,21 @@ def test_an_unavailable_device_is_refused_when_loading_a_config_to_train() -> No
         saved.torch_device()
     with pytest.raises(ConfigError, match="device 'cuda': CUDA is not available"):
         load_config(None, ["--device", "cuda"])
+
+
+def test_every_numeric_key_has_a_range() -> None:
+    # A new numeric key must get a range too (validate walks these tables).
+    from canet.config import FLOAT_RANGES, INT_RANGES, LIST_MAX
+
+    numeric = {name for name, hint in TrainConfig.__annotations__.items()
+               if hint in ("int", "float", "list[int]")}
+    assert numeric - {"fixed_config"} == set(INT_RANGES) | set(FLOAT_RANGES) | set(LIST_MAX) | {
+        "ks"}
+
+
+def test_huge_values_from_the_command_line_are_one_line_errors() -> None:
+    with pytest.raises(ConfigError, match="seed must be <="):
+        load_config(None, ["--seed", "18446744073709551617"])
+    with pytest.raises(ConfigError, match="weight_decay must be a finite number") as caught:
+        load_config(None, ["--weight-decay", ".nan"])
+    assert "\n" not in str(caught.value)
