@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -160,12 +161,12 @@ class TrainConfig:
             except ValueError:
                 raise ConfigError(
                     f"fixed_config must be 'largest', 'smallest' or a config id in "
-                    f"[0, {space.n_configs - 1}], got {self.fixed_config!r}"
+                    f"[0, {space.n_configs - 1}], got {short(self.fixed_config)}"
                 ) from None
         if not 0 <= value < space.n_configs:
             raise ConfigError(
                 f"fixed_config id must be in [0, {space.n_configs - 1}] for this routing space "
-                f"({space.n_configs} configs), got {value}"
+                f"({space.n_configs} configs), got {short(value)}"
             )
         return value
 
@@ -213,7 +214,7 @@ class TrainConfig:
             for index, size in enumerate(getattr(self, name)):
                 _check_int(f"{name}[{index}]", size, 1, LIST_MAX[name], "")
         if not self.ks:
-            raise ConfigError(f"ks must be a non-empty list of ints >= 1, got {self.ks}")
+            raise ConfigError(f"ks must be a non-empty list of ints >= 1, got {short(self.ks)}")
         for index, k in enumerate(self.ks):
             _check_int(f"ks[{index}]", k, 1, COUNT_MAX, "")
         try:
@@ -222,23 +223,25 @@ class TrainConfig:
             raise ConfigError(str(error)) from None
         if self.precision not in PRECISIONS:
             raise ConfigError(
-                f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}"
+                f"precision must be one of {list(PRECISIONS)}, got {short(self.precision)}"
             )
         if self.precision == "bf16" and not str(self.device).startswith("cuda"):
             raise ConfigError(
-                f"precision bf16 trains on CUDA only (device is {self.device!r}): on CPUs "
+                f"precision bf16 trains on CUDA only (device is {short(self.device)}): on CPUs "
                 "without native bf16 (AVX512-BF16/AMX) autocast is slower than fp32 (9x on "
                 "this project's AMD EPYC machines, docs/training.md); use precision fp32"
             )
         if 10 not in self.ks:
             # Early stopping and model selection use NDCG@10 on the validation split.
-            raise ConfigError(f"ks must contain 10 (validation selects on ndcg@10), got {self.ks}")
+            raise ConfigError(
+                f"ks must contain 10 (validation selects on ndcg@10), got {short(self.ks)}"
+            )
         if self.format is not None:
             from .data import FORMATS
 
             if self.format not in FORMATS:
                 raise ConfigError(f"format must be one of {list(FORMATS)} or null, got "
-                                  f"{self.format!r}")
+                                  f"{short(self.format)}")
         self.fixed_config_id(self.routing_space())
         return self
 
@@ -294,9 +297,55 @@ LIST_MAX = {"depths": 1024, "hidden": 1 << 16, "emb": 1 << 16}
 
 def _check_int(name: str, value: int, low: int, high: int, why: str) -> None:
     if value < low:
-        raise ConfigError(f"{name} must be >= {low}{why}, got {value}")
+        raise ConfigError(f"{name} must be >= {low}{why}, got {short(value)}")
     if value > high:
-        raise ConfigError(f"{name} must be <= {high}{why}, got {value}")
+        raise ConfigError(f"{name} must be <= {high}{why}, got {short(value)}")
+
+
+# Values a config may hold once YAML aliases are expanded: a training config has a few dozen,
+# while an "alias bomb" (a few hundred bytes of nested aliases) expands to billions, which
+# walking, coercing or printing would never finish.
+MAX_CONFIG_NODES = 100_000
+# Longest rendering of a value in an error message (messages stay one short line).
+MAX_SHOWN = 80
+
+
+class _ShortRepr(reprlib.Repr):
+    def repr_int(self, value: int, level: int) -> str:
+        # repr() of an int of more than 4300 digits raises ValueError (CPython's limit).
+        if value.bit_length() > 128:
+            return f"<int of {int(value.bit_length() * math.log10(2)) + 1} digits>"
+        return repr(value)
+
+
+_SHORT = _ShortRepr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring = 3, 6, 6, 60
+
+
+def short(value: Any) -> str:
+    """``repr(value)`` bounded to MAX_SHOWN characters (nested and long values elided)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
+def check_size(data: Any, source: str) -> None:
+    """Refuse a parsed YAML value of more than MAX_CONFIG_NODES values, counting every use
+    of an alias (so a self-referencing or exponentially aliased value fails fast)."""
+    budget = MAX_CONFIG_NODES
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(
+                f"{source}: the config holds more than {MAX_CONFIG_NODES} values once YAML "
+                "aliases are expanded (a training config has a few dozen); refusing it"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -324,7 +373,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
     def fail() -> ConfigError:
         return ConfigError(
-            f"config key {name!r} expects {_type_name(hint)}, got {value!r} "
+            f"config key {name!r} expects {_type_name(hint)}, got {short(value)} "
             f"({type(value).__name__})"
         )
 
@@ -383,7 +432,10 @@ def _canonical(key: str) -> str:
 
 def _unknown_key_error(keys: Iterable[str], source: str) -> ConfigError:
     valid = ", ".join(sorted(_FIELDS))
-    shown = ", ".join(repr(k) for k in keys)
+    keys = list(keys)
+    shown = ", ".join(short(k) for k in keys[:5])
+    if len(keys) > 5:
+        shown += f" and {len(keys) - 5} more"
     return ConfigError(f"{source}: unknown config key(s) {shown}; valid keys: {valid}")
 
 
@@ -399,6 +451,7 @@ def config_from_dict(
         raise ConfigError(
             f"{source}: expected a mapping of config keys, got {type(values).__name__}"
         )
+    check_size(dict(values), source)
     updates = {_canonical(str(key)): value for key, value in values.items()}
     unknown = [key for key in updates if key not in _FIELDS]
     if unknown:
@@ -430,7 +483,8 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
         token = args[index]
         if not token.startswith("--") or token == "--":
             raise ConfigError(
-                f"command line: expected an option '--key value' or '--key=value', got {token!r}"
+                "command line: expected an option '--key value' or '--key=value', got "
+                f"{short(token)}"
             )
         if "=" in token:
             key, text = token[2:].split("=", 1)
@@ -455,8 +509,11 @@ def _parse_value(key: str, text: str) -> Any:
         return text
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ConfigError(f"command line: cannot parse the value of --{key}: {text!r}") from None
+    except (yaml.YAMLError, ValueError, RecursionError):
+        raise ConfigError(
+            f"command line: cannot parse the value of --{key}: {short(text)}"
+        ) from None
+    check_size(value, f"command line: --{key}")
     return value
 
 
@@ -496,6 +553,11 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}{where}: {problem}") from None
+    except ValueError as error:  # e.g. an int of more digits than Python converts
+        raise ConfigError(f"{path}: cannot read a value: {short(str(error))}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply") from None
+    check_size(data, path)
     if data is None:
         return {}
     if not isinstance(data, dict):

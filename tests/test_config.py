@@ -174,3 +174,46 @@ def test_huge_values_from_the_command_line_are_one_line_errors() -> None:
     with pytest.raises(ConfigError, match="weight_decay must be a finite number") as caught:
         load_config(None, ["--weight-decay", ".nan"])
     assert "\n" not in str(caught.value)
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    # 297 bytes that expand to 9**9 (387 million) values: before, this ran out of memory.
+    parts, previous = ["&a [l,l,l,l,l,l,l,l,l]"], "a"
+    for name in "bcdefghijklm"[: levels - 1]:
+        parts.append(f"&{name} [" + ",".join([f"*{previous}"] * 9) + "]")
+        previous = name
+    return "epochs: [" + ", ".join(parts) + "]\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_alias_bomb(), "more than 100000 values once YAML aliases are expanded"),
+        ("epochs: &a [*a]\n", "more than 100000 values once YAML aliases are expanded"),
+        ("epochs: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        ("epochs: " + "1" * 5000 + "\n", "cannot read a value"),
+        ("format: " + "x" * 5000 + "\n", "format must be one of"),
+        ("ks: [" + ",".join(["1"] * 50_000) + "]\n", "ks must contain 10"),
+        ("fixed_config: " + "y" * 5000 + "\n", "fixed_config must be"),
+        ("epochs: " + "z" * 5000 + "\n", "'epochs' expects int"),
+        ("".join(f"bad{i}: 1\n" for i in range(1000)), "unknown config key.* and 995 more"),
+    ],
+    ids=["bomb", "self_alias", "deep", "huge_int", "long_string", "long_list", "long_config",
+         "long_wrong_type", "many_unknown_keys"],
+)
+def test_explosive_configs_give_short_one_line_errors(tmp_path, text, message) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path)
+    rendered = str(caught.value)
+    assert "\n" not in rendered
+    # The valid-keys list of an unknown key is the one long (but bounded) part.
+    assert len(rendered.split("; valid keys:")[0]) < 300 + len(str(path)), rendered
+
+
+def test_explosive_command_line_values_are_refused() -> None:
+    with pytest.raises(ConfigError, match="--ks: the config holds more than 100000 values"):
+        load_config(None, ["--ks", "&a [*a]"])
+    with pytest.raises(ConfigError, match="seed must be <= .*got <int of 400 digits>"):
+        config_from_dict({"seed": 10**399})
