@@ -236,6 +236,17 @@ class TrainConfig:
             raise ConfigError(
                 f"ks must contain 10 (validation selects on ndcg@10), got {short(self.ks)}"
             )
+        if self.column_map is not None:
+            # Checked here (not first by the reader) so the message is short and comes before
+            # any data is read.
+            unknown = sorted(set(self.column_map) - {"user", "item", "timestamp"})
+            if unknown:
+                raise ConfigError(f"column_map keys must be 'user', 'item', 'timestamp'; got "
+                                  f"{short(unknown)}")
+            empty = [role for role, name in self.column_map.items() if not name]
+            if empty:
+                raise ConfigError(f"column_map values must be non-empty column names; "
+                                  f"{short(empty)} empty")
         if self.format is not None:
             from .data import FORMATS
 
