@@ -194,6 +194,32 @@ def test_recommend_csv_and_unknown_items(trained, tmp_path, capsys) -> None:
     assert not {"i1", "i2"} & {r["item_id"] for r in rows if r["user_id"] == "alice"}
 
 
+def test_recommend_never_overwrites_silently(trained, tmp_path, capsys) -> None:
+    root, _ = trained
+    histories = tmp_path / "h.json"
+    histories.write_text(json.dumps({"alice": ["i1", "i2"]}))
+    before = histories.read_bytes()
+    base = ["recommend", str(root / "run"), "--input", str(histories), "-k", "2",
+            "--backend", "torch"]
+    # Output == input: refused always, --overwrite too, also through another spelling/a link.
+    for spelled in (histories, tmp_path / "." / "h.json"):
+        for extra in ([], ["--overwrite"]):
+            message = _fail(capsys, [*base, "--output", str(spelled), *extra])
+            assert "is the --input file" in message
+    link = tmp_path / "link.json"
+    link.symlink_to(histories)
+    assert "is the --input file" in _fail(capsys, [*base, "--output", str(link), "--overwrite"])
+    assert histories.read_bytes() == before
+    # An existing output: refused without --overwrite, replaced with it.
+    output = tmp_path / "recs.csv"
+    output.write_text("keep me\n")
+    message = _fail(capsys, [*base, "--output", str(output)])
+    assert message == f"canet: error: {output}: already exists; pass --overwrite to replace it"
+    assert output.read_text() == "keep me\n"
+    assert cli.main([*base, "--output", str(output), "--overwrite"]) == 0
+    assert output.read_text().startswith("user_id,item_id,score,rank")
+
+
 def test_resume_through_the_cli(trained, tmp_path, capsys) -> None:
     root, log = trained
     run = tmp_path / "run"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import sys
 import warnings
 
@@ -29,11 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", help="canet.Engine backend (default auto)")
     parser.add_argument("--include-history", action="store_true",
                         help="allow recommending items already in the history")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output file (never the --input file)")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise CanetError(f"recommend: unknown arguments {extra}")
+    _check_output(args.input, args.output, args.overwrite)
     histories = read_histories(args.input)
     recommender = Recommender.from_pretrained(args.run_dir, backend=args.backend)
     if not 1 <= args.k <= recommender.vocab.num_items:
@@ -61,3 +65,17 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"{len(results) - len(skipped)} users x top-{args.k} -> {output} "
           f"(backend {recommender.backend})")
     return 0
+
+
+def _check_output(input_path: str, output: str, overwrite: bool) -> None:
+    """Refuse, before any work, to replace the input (ever) or an existing file (without
+    ``--overwrite``): recommendations written over the histories would lose them."""
+    if os.path.realpath(output) == os.path.realpath(input_path) or (
+        os.path.exists(output) and os.path.exists(input_path)
+        and os.path.samefile(output, input_path)
+    ):
+        raise CanetError(
+            f"--output {output} is the --input file; write the recommendations elsewhere"
+        )
+    if os.path.lexists(output) and not overwrite:
+        raise CanetError(f"{output}: already exists; pass --overwrite to replace it")
