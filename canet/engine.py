@@ -73,6 +73,20 @@ def resolve_device(device: str | torch.device, *, check_available: bool = True) 
     return parsed
 
 
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch.dtype from itself or its name; ValueError naming the floating-point ones."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        found = getattr(torch, dtype.strip().removeprefix("torch."), None)
+        if isinstance(found, torch.dtype):
+            return found
+    raise ValueError(
+        "Engine dtype must be a torch.dtype or its name (float32, float64, float16, "
+        f"bfloat16), got {str(dtype)[:60]!r}"
+    )
+
+
 @dataclass(frozen=True)
 class GroupSpan:
     """One non-empty group: the users of ``config`` are sorted rows ``start:end``."""
@@ -118,7 +132,8 @@ class Engine:
             precision). Later in-place updates of the model's weights are seen by the engine.
         backend: "auto" | "torch" | "cpu" | "triton". "auto" picks triton on a GPU, cpu on a
             CPU, and falls back to torch with a one-time warning.
-        dtype: compute dtype (default: the model's).
+        dtype: compute dtype, a torch.dtype or its name ("float32", "torch.bfloat16")
+            (default: the model's).
         max_score_elements: bound on the (user, item) scores ``recommend`` holds at once
             (where it builds them: see :meth:`recommend`).
     """
@@ -127,7 +142,7 @@ class Engine:
         self,
         model: CANet,
         backend: str = "auto",
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         max_score_elements: int = DEFAULT_MAX_SCORE_ELEMENTS,
     ) -> None:
         if not isinstance(model, CANet):
@@ -141,7 +156,7 @@ class Engine:
                 "only): load its weights (e.g. canet.load_checkpoint) or move it to cpu/cuda"
             )
         self.device = reference.device
-        self.dtype = reference.dtype if dtype is None else dtype
+        self.dtype = reference.dtype if dtype is None else _as_dtype(dtype)
         if not self.dtype.is_floating_point:
             raise ValueError(f"Engine dtype must be a floating-point dtype, got {self.dtype}")
         if self.dtype != reference.dtype:

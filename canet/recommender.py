@@ -39,7 +39,8 @@ class Recommender:
         model: the trained CANet (its weights are shared with the engine, not copied; its
             train/eval mode is left as it is: the engine never runs dropout).
         vocab: external token <-> internal id mapping of the training data.
-        backend: ``canet.Engine`` backend ("auto", "torch", "cpu", ...).
+        backend: ``canet.Engine`` backend ("auto", "torch", "cpu", ...), or "model" (as in
+            ``canet evaluate``: the PyTorch computation, i.e. the Engine's "torch" backend).
         fixed_config_id: route every user to this config (a fixed-config run); None = router.
         batch_size: users scored at once.
     """
@@ -58,7 +59,9 @@ class Recommender:
             )
         self.model = model  # its mode is the caller's: the engine runs its own eval copy
         self.vocab = vocab
-        self.engine = Engine(model, backend=backend)
+        # "model" means PyTorch's model.score in `canet evaluate`; the Engine's torch backend
+        # is that computation (equal scores, tested), so both commands accept the same names.
+        self.engine = Engine(model, backend="torch" if backend == "model" else backend)
         self.fixed_config_id = fixed_config_id
         self.batch_size = batch_size
         self.max_len = model.max_len
@@ -197,14 +200,15 @@ def read_histories(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     path = os.fspath(path)
     try:
         with open(path, "rb") as handle:
-            head = handle.read(4096).lstrip()
+            # A UTF-8 byte-order mark (Windows editors write one) is accepted, as by the logs.
+            head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
     except FileNotFoundError:
         raise DataFormatError(path, None, "file not found") from None
     except OSError as error:
         raise DataFormatError(path, None, f"cannot read: {error.strerror or error}") from None
     if path.endswith(".json") or head[:1] in (b"[", b"{"):
         try:
-            with open(path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8-sig") as handle:
                 data = json.load(handle)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             line = getattr(error, "lineno", None)
@@ -224,7 +228,7 @@ def read_histories(path: str | os.PathLike[str]) -> dict[str, list[str]]:
                 isinstance(t, (str, int)) and not isinstance(t, bool) for t in history
             ):
                 raise DataFormatError(
-                    path, None, f"history of user {user!r} must be a list of item ids "
+                    path, None, f"history of user {str(user)[:60]!r} must be a list of item ids "
                     f"(strings or integers), got {json.dumps(history)[:60]}"
                 )
             histories[str(user)] = [str(t) for t in history]

@@ -312,3 +312,17 @@ def test_compare_two_rank_files(trained, tmp_path, capsys) -> None:
     assert "metric must be one of" in _fail(capsys, ["compare", str(ranks), "--against",
                                                      str(ranks), "--metric", "auc"])
     assert "--against" in _fail(capsys, ["compare", str(ranks)])
+    # A non-UTF-8 file is named (before: a bare UnicodeDecodeError message).
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"user_id,item_id,rank\n1,\xe9t\xe9,3\n")
+    message = _fail(capsys, ["compare", str(latin), "--against", str(ranks)])
+    assert f"{latin}: not UTF-8 text (byte 0xe9)" in message
+    assert f"{tmp_path}: cannot read" in _fail(capsys, ["compare", str(tmp_path), "--against",
+                                                        str(ranks)])
+
+
+def test_help_states_the_default_backends(capsys) -> None:
+    for command, default in (("evaluate", "'model' (the default"), ("recommend", "auto (the "
+                                                                                  "default)")):
+        assert cli.main([command, "--help"]) == 0
+        assert default in " ".join(capsys.readouterr().out.split())

@@ -164,6 +164,24 @@ def test_csv_variants(
     assert log.has_timestamps is has_time
 
 
+def test_movielens_ratings_csv_is_recognised(tmp_path: Path) -> None:
+    # MovieLens ratings.csv, the most common CSV: its item column is movieId.
+    path = write(tmp_path, "ratings.csv",
+                 "userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n1,1029,3.0,1260759179\n")
+    log = read_interactions(path)
+    assert log.format == "csv" and log.has_timestamps
+    assert rows_of(log) == [("1", "31", 1260759144.0), ("1", "1029", 1260759179.0)]
+
+
+def test_a_header_without_user_or_item_column_mentions_column_map(tmp_path: Path) -> None:
+    path = write(tmp_path, "x.csv", "uid,iid,ts\n1,2,3\n")
+    with pytest.raises(DataFormatError, match=r"no user column: .*--column-map '\{user: COLUMN\}'"):
+        read_interactions(path, format="csv")
+    path = write(tmp_path, "y.csv", "user_id,product,ts\n1,2,3\n")
+    with pytest.raises(DataFormatError, match=r"no item column: .*--column-map '\{item: COLUMN\}'"):
+        read_interactions(path)
+
+
 def test_atomic_without_timestamp_and_with_column_map(tmp_path: Path) -> None:
     path = write(
         tmp_path, "a.inter", "session_id:token\titem_id:token\tprice:float\ns1\ti1\t2.0\ns1\ti2\t\n"

@@ -341,3 +341,15 @@ def test_resolve_device_says_cuda_is_missing():
         canet.engine.resolve_device("cuda")
     # A saved config from a GPU machine still parses (only the syntax is checked).
     assert canet.engine.resolve_device("cuda:1", check_available=False).index == 1
+
+
+def test_engine_dtype_by_name():
+    # Before: Engine(m, dtype="float32") raised AttributeError ('str' has no is_floating_point).
+    model = make_model(torch.float64)
+    assert Engine(model, backend="torch", dtype="float32").dtype == torch.float32
+    assert Engine(model, backend="torch", dtype="torch.float64").dtype == torch.float64
+    for bad in ("nonsense", "Size", 32):
+        with pytest.raises(ValueError, match="dtype must be a torch.dtype or its name"):
+            Engine(model, backend="torch", dtype=bad)
+    with pytest.raises(ValueError, match="floating-point dtype, got torch.int64"):
+        Engine(model, backend="torch", dtype="int64")

@@ -90,6 +90,25 @@ def test_read_histories_json_and_log(tmp_path) -> None:
     assert read_histories(log) == {"x": ["i1", "i2"], "y": ["i3"]}
 
 
+def test_read_histories_accepts_a_utf8_bom(tmp_path) -> None:
+    # Logs accepted a byte-order mark; JSON histories were refused with one.
+    as_json = tmp_path / "bom.json"
+    as_json.write_bytes(b"\xef\xbb\xbf" + json.dumps({"a": ["i1", 2]}).encode())
+    assert read_histories(as_json) == {"a": ["i1", "2"]}
+    unnamed = tmp_path / "bom.txt"  # detected by content, not by the name
+    unnamed.write_bytes(b"\xef\xbb\xbf" + json.dumps([["i1"]]).encode())
+    assert read_histories(unnamed) == {"0": ["i1"]}
+
+
+def test_backend_model_is_the_torch_computation(run_dir) -> None:
+    # `canet evaluate --backend model` is the PyTorch computation; recommend accepts it too.
+    rec = canet.Recommender.from_pretrained(run_dir, backend="model")
+    assert rec.backend == "torch"
+    reference = canet.Recommender.from_pretrained(run_dir, backend="torch")
+    history = {"u": ["i1", "i2", "i3"]}
+    assert rec.recommend(history, k=5) == reference.recommend(history, k=5)
+
+
 def test_recommender_class_is_exported() -> None:
     assert canet.Recommender is Recommender
 

@@ -33,25 +33,48 @@ def read_ranks(path: str | Path) -> dict[str, tuple[str, int]]:
         raise CanetError(
             f"{path}: no such file (write it with canet evaluate --ranks-out)"
         ) from None
-    ranks: dict[str, tuple[str, int]] = {}
+    except OSError as error:
+        raise CanetError(f"{path}: cannot read: {error.strerror or error}") from None
     with handle:
         reader = csv.reader(handle)
-        header = next(reader, None)
-        if header != ["user_id", "item_id", "rank"]:
+        # Decoding happens while reading: an error must name the file, not only the codec.
+        try:
+            ranks = _parse_ranks(path, reader)
+        except UnicodeDecodeError as error:
             raise CanetError(
-                f"{path}:1: expected the header user_id,item_id,rank (canet evaluate "
-                f"--ranks-out), got {header!r}"
-            )
-        for line, row in enumerate(reader, start=2):
-            if len(row) != 3 or not row[2].isdigit() or int(row[2]) < 1:
-                raise CanetError(f"{path}:{line}: expected user_id,item_id,rank with rank >= 1, "
-                                 f"got {row!r}")
-            if row[0] in ranks:
-                raise CanetError(f"{path}:{line}: user {row[0]!r} appears twice")
-            ranks[row[0]] = (row[1], int(row[2]))
+                f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x}); expected a "
+                "canet evaluate --ranks-out CSV"
+            ) from None
+        except csv.Error as error:
+            raise CanetError(f"{path}:{reader.line_num}: bad CSV: {error}") from None
+        except OSError as error:
+            raise CanetError(f"{path}: cannot read: {error.strerror or error}") from None
     if not ranks:
         raise CanetError(f"{path}: no users")
     return ranks
+
+
+def _parse_ranks(path: Path, reader) -> dict[str, tuple[str, int]]:
+    ranks: dict[str, tuple[str, int]] = {}
+    header = next(reader, None)
+    if header != ["user_id", "item_id", "rank"]:
+        raise CanetError(
+            f"{path}:1: expected the header user_id,item_id,rank (canet evaluate "
+            f"--ranks-out), got {_short(header)}"
+        )
+    for line, row in enumerate(reader, start=2):
+        if len(row) != 3 or not row[2].isdigit() or int(row[2]) < 1:
+            raise CanetError(f"{path}:{line}: expected user_id,item_id,rank with rank >= 1, "
+                             f"got {_short(row)}")
+        if row[0] in ranks:
+            raise CanetError(f"{path}:{line}: user {_short(row[0])} appears twice")
+        ranks[row[0]] = (row[1], int(row[2]))
+    return ranks
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

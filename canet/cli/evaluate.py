@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("test", "valid"), default="test")
     parser.add_argument(
         "--backend", default="model",
-        help="'model' (PyTorch model.score) or a canet.Engine backend: auto, torch, cpu, ...",
+        help="'model' (the default: PyTorch model.score) or an Engine backend: auto, torch, ...",
     )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--include-history", action="store_true",

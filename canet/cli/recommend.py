@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="histories: an interaction log, or JSON (list, or dict user -> list)")
     parser.add_argument("-k", type=int, default=10, help="items per user (default 10)")
     parser.add_argument("--output", required=True, help="CSV: user_id,item_id,score,rank")
-    parser.add_argument("--backend", default="auto", help="canet.Engine backend (default auto)")
+    parser.add_argument("--backend", default="auto",
+                        help="canet.Engine backend: auto (the default), torch, cpu, triton, or "
+                        "model (as in evaluate: the PyTorch computation, the torch backend)")
     parser.add_argument("--include-history", action="store_true",
                         help="allow recommending items already in the history")
     parser.add_argument("--overwrite", action="store_true",

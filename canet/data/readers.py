@@ -6,7 +6,8 @@ non-blank line of the file, never by its name:
 * ``atomic`` (RecBole): a tab-separated typed header (``user_id:token``, ``item_id:token``,
   optionally ``timestamp:float``, any other ``name:type`` fields), then tab-separated rows.
 * ``csv``: a header naming the user and item columns (``user_id``/``userID``/``user``,
-  ``item_id``/``itemID``/``item``, optionally ``timestamp``; or the names in ``column_map``),
+  ``item_id``/``itemID``/``item``/``movieId``/``movie_id``/``movie``, optionally
+  ``timestamp``; or the names in ``column_map``),
   delimited by ``,``, tab or ``;`` (quoted as the ``csv`` module reads it) or by whitespace.
 * ``udata`` (MovieLens ``u.data``): ``user item rating timestamp``, whitespace-separated.
 * ``ratings_dat`` (MovieLens ``ratings.dat``): ``user::item::rating::timestamp``.
@@ -36,7 +37,8 @@ FORMATS = ("atomic", "sasrec", "udata", "ratings_dat", "csv")
 
 # Lower-cased header names recognised without a column_map (covers userID/itemID too).
 _USER_COLUMNS = ("user_id", "userid", "user")
-_ITEM_COLUMNS = ("item_id", "itemid", "item")
+# MovieLens ratings.csv (userId,movieId,rating,timestamp), the most common CSV, names movies.
+_ITEM_COLUMNS = ("item_id", "itemid", "item", "movie_id", "movieid", "movie")
 _TIME_COLUMNS = ("timestamp",)
 _ATOMIC_FIELD = re.compile(r"^[^:\s]+:(token|float|token_seq|float_seq)$")
 _CSV_DELIMITERS = (",", "\t", ";")
@@ -300,7 +302,10 @@ def _find_column(
         raise DataFormatError(
             path,
             number,
-            f"header has no {role} column: expected one of {wanted}, got columns {list(names)}",
+            f"header has no {role} column: expected one of {wanted}, got columns "
+            f"{[name[:30] for name in names[:8]]}{' ...' if len(names) > 8 else ''}; name it "
+            "with --column-map "
+            f"'{{{role}: COLUMN}}' (config key column_map)",
         )
     return None
 
