@@ -14,16 +14,25 @@ in with renames: ``target -> .target.old-*``, ``tmp -> target``, then deletes th
 process killed at any point leaves either the previous or the new checkpoint complete; a kill
 between the two renames leaves the previous one as ``.target.old-*``, which :func:`load_*`
 reads in place and :func:`cleanup_leftovers` (run by the next training start) renames back.
+
+One writer per run directory: :func:`lock_run_dir` (taken by :func:`canet.train.train` for the
+whole run) holds ``fcntl.flock`` on ``RUN_DIR/.lock``. Readers take no lock; :func:`load_checkpoint`
+instead retries when the directory it reads is swapped under it (see there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +65,8 @@ __all__ = [
     "load_training_state",
     "resolve_checkpoint_dir",
     "cleanup_leftovers",
+    "lock_run_dir",
+    "LOCK_FILE",
     "capture_rng_state",
     "restore_rng_state",
 ]
@@ -66,6 +77,7 @@ VOCAB_FILE = "vocab.json"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, STATE_FILE, OPTIMIZER_FILE)
+LOCK_FILE = ".lock"
 _TMP_MARK = ".tmp-"
 _OLD_MARK = ".old-"
 
@@ -181,6 +193,66 @@ def _swap_in(new: Path, target: Path) -> None:
     _fsync_dir(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# Run directories this process holds locked: resolved path -> [fd, depth]. flock belongs to an
+# open file description, so a second os.open + flock of the same file in this process would be
+# refused like another process; the nesting (the CLI around train(), train() itself) is counted.
+_held_locks: dict[Path, list[int]] = {}
+_held_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold the run directory's writer lock (creating the directory) for the ``with`` body.
+
+    ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``RUN_DIR/.lock``, the holder's pid written into the
+    file. A second writer is refused at once: CheckpointError "RUN_DIR is in use by pid N". The
+    kernel drops the lock when its process dies (even by SIGKILL), so the lock file a dead run
+    leaves behind is simply locked again by the next one; the file is never deleted (unlinking a
+    lock file lets two processes lock two different inodes). Re-entrant within one process.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = run_dir.resolve()
+    with _held_locks_guard:
+        held = _held_locks.get(key)
+        if held is not None:
+            held[1] += 1
+        else:
+            fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise CheckpointError(
+                    f"{run_dir} is in use by {_lock_holder(run_dir / LOCK_FILE)}: another "
+                    "`canet train` writes there; wait for it or use another --out"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _held_locks[key] = [fd, 1]
+    try:
+        yield run_dir
+    finally:
+        with _held_locks_guard:
+            held = _held_locks[key]
+            held[1] -= 1
+            if held[1] == 0:
+                del _held_locks[key]
+                os.close(held[0])  # releases the flock
+
+
+def _lock_holder(path: Path) -> str:
+    """"pid N" from a held lock file (the holder writes it right after locking: retry briefly)."""
+    for _ in range(20):
+        with contextlib.suppress(OSError, ValueError):
+            return f"pid {int(path.read_text(encoding='ascii').strip())}"
+        time.sleep(0.01)
+    return "another process (pid unknown)"
 
 
 def cleanup_leftovers(directory: str | os.PathLike[str]) -> list[str]:
@@ -347,10 +419,59 @@ def describe_arch_change(stored: dict[str, Any], current: dict[str, Any]) -> str
     return "checkpoint is from another model architecture (" + "; ".join(changes) + ")"
 
 
+# Reads retried when the checkpoint directory is swapped during the read, and the pauses
+# between them (seconds): a swap is two renames, so a retry almost always finds it finished.
+_READ_RETRY_PAUSES = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+
+def _identity(path: str | os.PathLike[str]) -> tuple[str, int, str] | None:
+    """Which checkpoint ``path`` resolves to now: (directory, its inode, sha256 of its
+    trainer_state.json); None when there is none. The state file differs between any two saves
+    (epoch, history), so this tells saves apart even when a filesystem reuses the inode of a
+    deleted checkpoint for the next one."""
+    try:
+        directory = resolve_checkpoint_dir(path)
+        return str(directory), os.stat(directory).st_ino, _file_digest(directory / STATE_FILE)
+    except (CheckpointError, OSError):
+        return None
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], model: CANet | None = None
 ) -> Checkpoint:
-    """Load a checkpoint (a checkpoint dir, or a run dir -> its best/) for inference."""
+    """Load a checkpoint (a checkpoint dir, or a run dir -> its best/) for inference.
+
+    Safe beside a training run that saves into the same directory. Readers take no lock (a
+    server must not block training, nor training a server); instead every file is checked
+    against the digests in trainer_state.json, so a read that straddles a save's swap (state
+    from the old checkpoint, weights from the new, or a directory that vanished mid-read) fails
+    validation rather than mixing two checkpoints. Such a failure is retried, after a short
+    pause, when the directory ``path`` resolves to changed during the read (a swap, not
+    corruption: a corrupted checkpoint is reported at once); a successful read is retried when
+    the resolution changed (e.g. ``best/`` was momentarily absent and ``last/`` was read), so
+    what is returned is always one complete checkpoint, of the directory asked for.
+    """
+    for pause in (*_READ_RETRY_PAUSES, None):
+        before = _identity(path)
+        try:
+            loaded = _load_checkpoint_once(path, model)
+        except (CheckpointError, OSError) as error:
+            # OSError: a file vanished between its checks and its read (a swap's cleanup).
+            if pause is None or _identity(path) == before:
+                if isinstance(error, OSError):
+                    raise CheckpointError(
+                        f"{error.filename or path}: unreadable ({error.strerror or error})"
+                    ) from None
+                raise
+        else:
+            after = _identity(path)
+            if pause is None or after is None or (before is not None and after[0] == before[0]):
+                return loaded
+        time.sleep(pause)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _load_checkpoint_once(path: str | os.PathLike[str], model: CANet | None) -> Checkpoint:
     directory = resolve_checkpoint_dir(path)
     state = _read_state_json(directory)
     for name in (CONFIG_FILE, VOCAB_FILE):

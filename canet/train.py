@@ -471,10 +471,19 @@ def train(
 
     Raises CheckpointError when ``run_dir`` already holds a run and neither ``resume`` nor
     ``overwrite`` is set, or when resuming would change the architecture or the data;
-    TrainingDivergedError after more than ``config.max_bad_steps`` non-finite steps.
+    TrainingDivergedError after more than ``config.max_bad_steps`` non-finite steps;
+    CheckpointError "RUN_DIR is in use by pid N" while another process trains into ``run_dir``.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # One writer per run directory, for the whole run: a second train() into it is refused
+    # here, before anything in it is touched (see checkpoint.lock_run_dir).
+    with ckpt.lock_run_dir(run_dir) as locked:
+        return _train_locked(config, data, locked, resume, overwrite, log)
+
+
+def _train_locked(
+    config: TrainConfig, data: SequenceData, run_dir: Path, resume: bool, overwrite: bool,
+    log: Log,
+) -> TrainResult:
     for action in ckpt.cleanup_leftovers(run_dir):
         log(f"canet: {action}")
     has_run = any((run_dir / name).exists() for name in ("best", "last"))
