@@ -6,7 +6,8 @@ Layout of one checkpoint directory (``RUN_DIR/best/``, ``RUN_DIR/last/``)::
                           canet_version, arch (JSON of model.arch), tensors_sha256
     config.yaml           the resolved TrainConfig
     vocab.json            Vocab.to_json(): external token <-> internal id
-    trainer_state.json    epoch, best score, counters, python/numpy RNG state, file digests
+    trainer_state.json    epoch, best score, counters, python/numpy RNG state, file digests,
+                          ``data``: the identity of the training split (see :func:`data_identity`)
     optimizer.pt          optimizer, scheduler, torch RNG states (torch.load(weights_only=True))
 
 Saving writes a temporary sibling directory, fsyncs every file and the directory, then swaps it
@@ -47,7 +48,7 @@ from ._io import fsync_file as _fsync_file
 from ._io import write_text_atomic
 from ._version import __version__
 from .config import TrainConfig, config_from_dict, dump_config, read_yaml
-from .data import Vocab
+from .data import SequenceData, Vocab
 from .errors import CanetError, CheckpointError
 from .model import CANet
 
@@ -68,6 +69,8 @@ __all__ = [
     "lock_run_dir",
     "LOCK_FILE",
     "capture_rng_state",
+    "data_identity",
+    "describe_data_change",
     "restore_rng_state",
 ]
 
@@ -332,7 +335,52 @@ def _read_state_json(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable or corrupted JSON ({error})") from None
     if not isinstance(data, dict) or not isinstance(data.get("arch"), dict):
         raise CheckpointError(f"{path}: expected a JSON object with an 'arch' entry")
+    identity = data.get("data")  # absent in checkpoints from before the data identity
+    if identity is not None and not (
+        isinstance(identity, dict)
+        and isinstance(identity.get("sha256"), str) and len(identity["sha256"]) == 64
+        and isinstance(identity.get("interactions"), int)
+    ):
+        raise CheckpointError(
+            f"{path}: 'data' must be {{sha256: 64 hex digits, interactions: int}}, "
+            f"got {str(identity)[:80]}"
+        )
     return data
+
+
+# --------------------------------------------------------------------------------------------
+# Data identity
+# --------------------------------------------------------------------------------------------
+
+
+def data_identity(data: SequenceData) -> dict[str, Any]:
+    """What identifies the data a run trained on: sha256 over the per-user item sequences
+    after filtering and remapping (``offsets`` and ``items``, int64 little-endian) and their
+    total length. The vocabulary alone is not enough: the same users and items in another
+    order (e.g. a log without timestamps) give another leave-one-out split, so evaluation would
+    score other targets and a resume could train on test targets."""
+    digest = hashlib.sha256(b"canet split v1\0")
+    for array in (data.offsets, data.items):
+        digest.update(np.ascontiguousarray(array, dtype="<i8").tobytes())
+    return {"sha256": digest.hexdigest(), "interactions": int(len(data.items))}
+
+
+def describe_data_change(stored: dict[str, Any] | None, data: SequenceData) -> str | None:
+    """None when ``data`` is the split a checkpoint's ``data`` identity describes (or when the
+    checkpoint predates data identities: then only its vocabulary can be compared), else a
+    short account of the difference."""
+    if stored is None:
+        return None
+    now = data_identity(data)
+    if now["sha256"] == stored["sha256"]:
+        return None
+    if now["interactions"] != stored["interactions"]:
+        how = f"{now['interactions']} interactions, trained on {stored['interactions']}"
+    else:
+        how = (f"the same {now['interactions']} interactions in other per-user sequences "
+               "(e.g. other or no timestamps)")
+    return (f"not the split the checkpoint was trained on: same users and items, but {how}; "
+            f"split sha256 {now['sha256'][:12]}, trained on {stored['sha256'][:12]}")
 
 
 def _check_digest(directory: Path, name: str, state: dict[str, Any]) -> None:

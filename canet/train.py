@@ -258,6 +258,7 @@ class _Run:
         self.skipped_steps = 0
         self.stopped_early = False
         self.history: list[dict[str, Any]] = []
+        self.data_identity = ckpt.data_identity(data)  # once: it hashes the whole split
 
     # -- persistence ---------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
@@ -271,6 +272,7 @@ class _Run:
             "stopped_early": self.stopped_early,
             "history": self.history,
             "rng": rng_json,
+            "data": self.data_identity,
         }
 
     def optimizer_state(self) -> dict[str, Any]:
@@ -518,6 +520,12 @@ def _train(
             raise CheckpointError(
                 f"{last}: the data's users/items differ from the checkpoint's vocab.json; "
                 "resume with the same data file and filters"
+            )
+        changed = ckpt.describe_data_change(saved.trainer_state.get("data"), data)
+        if changed:  # resuming on another split could train on the old split's test targets
+            raise CheckpointError(
+                f"{last}: cannot resume with different data: {changed}; resume with the same "
+                "data file and filters"
             )
         if saved.model.arch != run.model.arch:
             change = ckpt.describe_arch_change(saved.model.arch, run.model.arch)

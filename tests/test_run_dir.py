@@ -136,3 +136,30 @@ def test_readers_beside_a_training_run_always_load_a_complete_checkpoint(tmp_pat
         trainer.kill()
         _, stderr = trainer.communicate()
     assert loads > 20 and len(epochs) > 5, (loads, epochs, stderr)
+
+
+def test_evaluate_refuses_another_split_of_the_same_users_and_items(tmp_path, capsys) -> None:
+    """Issue 14 item 2: a copy of the log without timestamps, rows in another order (same
+    users and items) was evaluated silently on another leave-one-out split."""
+    data = _write_log(tmp_path / "log.csv")
+    rows = data.read_text().splitlines()[1:]
+    reordered = tmp_path / "log.txt"  # user item, no timestamps, each user's rows reversed
+    reordered.write_text("".join(f"{r.split(',')[0]} {r.split(',')[1]}\n" for r in rows[::-1]))
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--out", str(run), *TINY_ARGS,
+                     "--epochs", "1"]) == 0
+    capsys.readouterr()
+    metrics = (run / "metrics.json").read_text()
+    status = cli.main(["evaluate", str(run), "--data", str(reordered)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert "not the split the checkpoint was trained on" in err[0]
+    assert len(err[0]) < 300 + len(str(reordered))
+    assert "--allow-different-data" in err[0]
+    assert (run / "metrics.json").read_text() == metrics  # nothing written
+    assert cli.main(["evaluate", str(run), "--data", str(reordered), "--allow-different-data",
+                     "--output", str(tmp_path / "m.json")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("canet: warning: ") and "not the split" in err
+    assert cli.main(["evaluate", str(run), "--data", str(data)]) == 0
+    assert "warning" not in capsys.readouterr().err
