@@ -7,9 +7,36 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 
-__all__ = ["fsync_dir", "fsync_file", "write_text_atomic"]
+__all__ = ["fsync_dir", "fsync_file", "process_umask", "set_created_mode", "write_text_atomic"]
+
+_umask_guard = threading.Lock()
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it where possible (/proc/self/status on
+    Linux); elsewhere os.umask set and restored under a lock, so no two canet threads race on
+    it (a thread outside canet creating a file in that instant could still see 0o022)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    with _umask_guard:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def set_created_mode(path: Path, directory: bool = False, umask: int | None = None) -> None:
+    """Give a file or directory that canet created through mkdtemp/mkstemp (0700/0600) or a
+    library (safetensors, torch.save) the mode an ordinary open/mkdir would have: 0o666 (files)
+    or 0o777 (directories) less the process umask, so a serving account or a teammate can read
+    a checkpoint whenever the umask lets them."""
+    mask = process_umask() if umask is None else umask
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
 
 
 def fsync_file(path: Path) -> None:

@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 
 from ._io import fsync_dir as _fsync_dir
 from ._io import fsync_file as _fsync_file
-from ._io import write_text_atomic
+from ._io import process_umask, set_created_mode, write_text_atomic
 from ._version import __version__
 from .config import TrainConfig, config_from_dict, dump_config, read_yaml
 from .data import SequenceData, Vocab
@@ -172,7 +172,12 @@ def save_checkpoint(
         }
         # Written last: a directory with a valid trainer_state.json had every other file done.
         _write_text(tmp / STATE_FILE, json.dumps(full_state, indent=1, sort_keys=True))
+        # mkdtemp makes the directory 0700 and libraries pick their own file modes: give
+        # everything the umask's usual modes, or other accounts could not load the run.
+        umask = process_umask()
+        set_created_mode(tmp, directory=True, umask=umask)
         for name in REQUIRED_FILES:
+            set_created_mode(tmp / name, umask=umask)
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
         _swap_in(tmp, target)
