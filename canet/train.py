@@ -532,7 +532,7 @@ def _train(
             raise CheckpointError(f"{last}: {change}")
         run.restore(last)
         log(f"resumed {last} after epoch {run.epoch} (best ndcg@10 {run.best_score})")
-    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    ckpt.write_text_atomic(dump_config(config), run_dir / "config.yaml")
 
     space = run.model.space
     if run.fixed_id is None:
