@@ -40,14 +40,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from ._io import fsync_dir as _fsync_dir
 from ._io import fsync_file as _fsync_file
 from ._io import process_umask, set_created_mode, write_text_atomic
 from ._version import __version__
-from .config import TrainConfig, config_from_dict, dump_config, read_yaml
+from .config import TrainConfig, config_from_dict, dump_config
 from .data import SequenceData, Vocab
 from .errors import CanetError, CheckpointError
 from .model import CANet
@@ -388,20 +390,33 @@ def describe_data_change(stored: dict[str, Any] | None, data: SequenceData) -> s
             f"split sha256 {now['sha256'][:12]}, trained on {stored['sha256'][:12]}")
 
 
-def _check_digest(directory: Path, name: str, state: dict[str, Any]) -> None:
+def _check_digest(
+    directory: Path, name: str, state: dict[str, Any], data: bytes | None = None
+) -> None:
+    """The file's sha256 (of ``data``, its bytes as already read, when given) must be the one
+    trainer_state.json records."""
     expected = state.get("files_sha256", {}).get(name)
-    path = _require(directory, name)
-    if expected is not None and _file_digest(path) != expected:
+    path = _require(directory, name) if data is None else directory / name
+    actual = _file_digest(path) if data is None else hashlib.sha256(data).hexdigest()
+    if expected is not None and actual != expected:
         raise CheckpointError(
             f"{path}: corrupted (its sha256 differs from the one recorded in {STATE_FILE})"
         )
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_safetensors(
+    path: Path, data: bytes | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file (or of its bytes ``data``, already read)."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        if data is None:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        else:
+            tensors = load_safetensors_bytes(data)
+            header_size = int.from_bytes(data[:8], "little")
+            metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
     except Exception as error:  # safetensors raises its own error types for every corruption
         raise CheckpointError(
             f"{path}: truncated or corrupted safetensors file ({error})"
@@ -410,7 +425,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def load_model_weights(
-    directory: str | os.PathLike[str], model: CANet | None = None
+    directory: str | os.PathLike[str], model: CANet | None = None, *, _data: bytes | None = None
 ) -> CANet:
     """Load ``directory/model.safetensors`` into ``model`` (or a new CANet built from the stored
     arch) and return it.
@@ -418,11 +433,12 @@ def load_model_weights(
     Everything is validated BEFORE the model is touched: the arch in the metadata must equal
     ``model.arch``, every key of ``model.state_dict()`` must be present with the same shape and
     dtype (and no extra key), the tensor digest must match, and no value may be NaN/inf. On any
-    problem CheckpointError names the file and ``model`` is left unchanged.
+    problem CheckpointError names the file and ``model`` is left unchanged. (``_data``: the
+    file's bytes, already read by :func:`load_checkpoint`.)
     """
     directory = Path(directory)
-    path = _require(directory, MODEL_FILE)
-    tensors, metadata = _read_safetensors(path)
+    path = _require(directory, MODEL_FILE) if _data is None else directory / MODEL_FILE
+    tensors, metadata = _read_safetensors(path, _data)
     try:
         stored_arch = json.loads(metadata["arch"])
     except (KeyError, json.JSONDecodeError, TypeError):
@@ -502,7 +518,8 @@ def load_checkpoint(
     pause, when the directory ``path`` resolves to changed during the read (a swap, not
     corruption: a corrupted checkpoint is reported at once); a successful read is retried when
     the resolution changed (e.g. ``best/`` was momentarily absent and ``last/`` was read), so
-    what is returned is always one complete checkpoint, of the directory asked for.
+    what is returned is always one complete checkpoint, of the directory asked for. Each read
+    takes every file into memory first, so only a swap during those few reads collides.
     """
     for pause in (*_READ_RETRY_PAUSES, None):
         before = _identity(path)
@@ -510,7 +527,13 @@ def load_checkpoint(
             loaded = _load_checkpoint_once(path, model)
         except (CheckpointError, OSError) as error:
             # OSError: a file vanished between its checks and its read (a swap's cleanup).
-            if pause is None or _identity(path) == before:
+            swapped = _identity(path) != before
+            if swapped and pause is None:
+                raise CheckpointError(
+                    f"{path}: replaced by a save during each of {len(_READ_RETRY_PAUSES) + 1} "
+                    f"reads (a training run saves it faster than it can be read); last: {error}"
+                ) from None
+            if not swapped:
                 if isinstance(error, OSError):
                     raise CheckpointError(
                         f"{error.filename or path}: unreadable ({error.strerror or error})"
@@ -527,16 +550,24 @@ def load_checkpoint(
 def _load_checkpoint_once(path: str | os.PathLike[str], model: CANet | None) -> Checkpoint:
     directory = resolve_checkpoint_dir(path)
     state = _read_state_json(directory)
+    # Every file is read into memory right after the state, before the slow work (building the
+    # model, digests): a save's swap can then only mix checkpoints within these few reads, and
+    # then the digests catch it (load_checkpoint retries).
+    raw = {name: _require(directory, name).read_bytes()
+           for name in (CONFIG_FILE, VOCAB_FILE, MODEL_FILE)}
     for name in (CONFIG_FILE, VOCAB_FILE):
-        _check_digest(directory, name, state)
+        _check_digest(directory, name, state, raw[name])
     config_path = directory / CONFIG_FILE
     try:
-        config = config_from_dict(read_yaml(config_path), source=str(config_path))
-    except CanetError as error:
+        mapping = yaml.safe_load(raw[CONFIG_FILE].decode("utf-8"))  # digest-checked: canet's
+        if not isinstance(mapping, dict):
+            raise CheckpointError(f"expected a YAML mapping, got {type(mapping).__name__}")
+        config = config_from_dict(mapping, source=str(config_path))
+    except (CanetError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise CheckpointError(f"{config_path}: invalid config: {error}") from None
     vocab_path = directory / VOCAB_FILE
     try:
-        vocab = Vocab.from_json(vocab_path.read_text(encoding="utf-8"), source=str(vocab_path))
+        vocab = Vocab.from_json(raw[VOCAB_FILE].decode("utf-8"), source=str(vocab_path))
     except (OSError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{vocab_path}: unreadable ({error})") from None
     except CanetError as error:
@@ -558,8 +589,8 @@ def _load_checkpoint_once(path: str | os.PathLike[str], model: CANet | None) -> 
             raise CheckpointError(
                 f"{directory}: " + describe_arch_change(expected_arch, model.arch)
             )
-        _check_digest(directory, MODEL_FILE, state)
-    model = load_model_weights(directory, model)
+        _check_digest(directory, MODEL_FILE, state, raw[MODEL_FILE])
+    model = load_model_weights(directory, model, _data=raw[MODEL_FILE])
     if model.arch != expected_arch:
         raise CheckpointError(
             f"{directory / MODEL_FILE}: does not belong with {CONFIG_FILE}/{VOCAB_FILE} here; "
@@ -568,7 +599,7 @@ def _load_checkpoint_once(path: str | os.PathLike[str], model: CANet | None) -> 
     if not into_callers_model:
         # A fresh model: checked after loading, so a model file from another run is reported
         # as such rather than as a digest mismatch.
-        _check_digest(directory, MODEL_FILE, state)
+        _check_digest(directory, MODEL_FILE, state, raw[MODEL_FILE])
     if vocab.num_items != model.num_items:
         raise CheckpointError(
             f"{vocab_path}: {vocab.num_items} items, but the model has {model.num_items}"
