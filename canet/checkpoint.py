@@ -6,7 +6,8 @@ Layout of one checkpoint directory (``RUN_DIR/best/``, ``RUN_DIR/last/``)::
                           canet_version, arch (JSON of model.arch), tensors_sha256
     config.yaml           the resolved TrainConfig
     vocab.json            Vocab.to_json(): external token <-> internal id
-    trainer_state.json    epoch, best score, counters, python/numpy RNG state, file digests
+    trainer_state.json    epoch, best score, counters, python/numpy RNG state, file digests,
+                          ``data``: the identity of the training split (see :func:`data_identity`)
     optimizer.pt          optimizer, scheduler, torch RNG states (torch.load(weights_only=True))
 
 Saving writes a temporary sibling directory, fsyncs every file and the directory, then swaps it
@@ -14,31 +15,42 @@ in with renames: ``target -> .target.old-*``, ``tmp -> target``, then deletes th
 process killed at any point leaves either the previous or the new checkpoint complete; a kill
 between the two renames leaves the previous one as ``.target.old-*``, which :func:`load_*`
 reads in place and :func:`cleanup_leftovers` (run by the next training start) renames back.
+
+One writer per run directory: :func:`lock_run_dir` (taken by :func:`canet.train.train` for the
+whole run) holds ``fcntl.flock`` on ``RUN_DIR/.lock``. Readers take no lock; :func:`load_checkpoint`
+instead retries when the directory it reads is swapped under it (see there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from ._io import fsync_dir as _fsync_dir
 from ._io import fsync_file as _fsync_file
-from ._io import write_text_atomic
+from ._io import process_umask, set_created_mode, write_text_atomic
 from ._version import __version__
-from .config import TrainConfig, config_from_dict, dump_config, read_yaml
-from .data import Vocab
+from .config import TrainConfig, config_from_dict, dump_config
+from .data import SequenceData, Vocab
 from .errors import CanetError, CheckpointError
 from .model import CANet
 
@@ -56,7 +68,11 @@ __all__ = [
     "load_training_state",
     "resolve_checkpoint_dir",
     "cleanup_leftovers",
+    "lock_run_dir",
+    "LOCK_FILE",
     "capture_rng_state",
+    "data_identity",
+    "describe_data_change",
     "restore_rng_state",
 ]
 
@@ -66,6 +82,7 @@ VOCAB_FILE = "vocab.json"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, STATE_FILE, OPTIMIZER_FILE)
+LOCK_FILE = ".lock"
 _TMP_MARK = ".tmp-"
 _OLD_MARK = ".old-"
 
@@ -157,7 +174,12 @@ def save_checkpoint(
         }
         # Written last: a directory with a valid trainer_state.json had every other file done.
         _write_text(tmp / STATE_FILE, json.dumps(full_state, indent=1, sort_keys=True))
+        # mkdtemp makes the directory 0700 and libraries pick their own file modes: give
+        # everything the umask's usual modes, or other accounts could not load the run.
+        umask = process_umask()
+        set_created_mode(tmp, directory=True, umask=umask)
         for name in REQUIRED_FILES:
+            set_created_mode(tmp / name, umask=umask)
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
         _swap_in(tmp, target)
@@ -181,6 +203,66 @@ def _swap_in(new: Path, target: Path) -> None:
     _fsync_dir(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# Run directories this process holds locked: resolved path -> [fd, depth]. flock belongs to an
+# open file description, so a second os.open + flock of the same file in this process would be
+# refused like another process; the nesting (the CLI around train(), train() itself) is counted.
+_held_locks: dict[Path, list[int]] = {}
+_held_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold the run directory's writer lock (creating the directory) for the ``with`` body.
+
+    ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``RUN_DIR/.lock``, the holder's pid written into the
+    file. A second writer is refused at once: CheckpointError "RUN_DIR is in use by pid N". The
+    kernel drops the lock when its process dies (even by SIGKILL), so the lock file a dead run
+    leaves behind is simply locked again by the next one; the file is never deleted (unlinking a
+    lock file lets two processes lock two different inodes). Re-entrant within one process.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = run_dir.resolve()
+    with _held_locks_guard:
+        held = _held_locks.get(key)
+        if held is not None:
+            held[1] += 1
+        else:
+            fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise CheckpointError(
+                    f"{run_dir} is in use by {_lock_holder(run_dir / LOCK_FILE)}: another "
+                    "`canet train` writes there; wait for it or use another --out"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _held_locks[key] = [fd, 1]
+    try:
+        yield run_dir
+    finally:
+        with _held_locks_guard:
+            held = _held_locks[key]
+            held[1] -= 1
+            if held[1] == 0:
+                del _held_locks[key]
+                os.close(held[0])  # releases the flock
+
+
+def _lock_holder(path: Path) -> str:
+    """"pid N" from a held lock file (the holder writes it right after locking: retry briefly)."""
+    for _ in range(20):
+        with contextlib.suppress(OSError, ValueError):
+            return f"pid {int(path.read_text(encoding='ascii').strip())}"
+        time.sleep(0.01)
+    return "another process (pid unknown)"
 
 
 def cleanup_leftovers(directory: str | os.PathLike[str]) -> list[str]:
@@ -260,23 +342,81 @@ def _read_state_json(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable or corrupted JSON ({error})") from None
     if not isinstance(data, dict) or not isinstance(data.get("arch"), dict):
         raise CheckpointError(f"{path}: expected a JSON object with an 'arch' entry")
+    identity = data.get("data")  # absent in checkpoints from before the data identity
+    if identity is not None and not (
+        isinstance(identity, dict)
+        and isinstance(identity.get("sha256"), str) and len(identity["sha256"]) == 64
+        and isinstance(identity.get("interactions"), int)
+    ):
+        raise CheckpointError(
+            f"{path}: 'data' must be {{sha256: 64 hex digits, interactions: int}}, "
+            f"got {str(identity)[:80]}"
+        )
     return data
 
 
-def _check_digest(directory: Path, name: str, state: dict[str, Any]) -> None:
+# --------------------------------------------------------------------------------------------
+# Data identity
+# --------------------------------------------------------------------------------------------
+
+
+def data_identity(data: SequenceData) -> dict[str, Any]:
+    """What identifies the data a run trained on: sha256 over the per-user item sequences
+    after filtering and remapping (``offsets`` and ``items``, int64 little-endian) and their
+    total length. The vocabulary alone is not enough: the same users and items in another
+    order (e.g. a log without timestamps) give another leave-one-out split, so evaluation would
+    score other targets and a resume could train on test targets."""
+    digest = hashlib.sha256(b"canet split v1\0")
+    for array in (data.offsets, data.items):
+        digest.update(np.ascontiguousarray(array, dtype="<i8").tobytes())
+    return {"sha256": digest.hexdigest(), "interactions": int(len(data.items))}
+
+
+def describe_data_change(stored: dict[str, Any] | None, data: SequenceData) -> str | None:
+    """None when ``data`` is the split a checkpoint's ``data`` identity describes (or when the
+    checkpoint predates data identities: then only its vocabulary can be compared), else a
+    short account of the difference."""
+    if stored is None:
+        return None
+    now = data_identity(data)
+    if now["sha256"] == stored["sha256"]:
+        return None
+    if now["interactions"] != stored["interactions"]:
+        how = f"{now['interactions']} interactions, trained on {stored['interactions']}"
+    else:
+        how = (f"the same {now['interactions']} interactions in other per-user sequences "
+               "(e.g. other or no timestamps)")
+    return (f"not the split the checkpoint was trained on: same users and items, but {how}; "
+            f"split sha256 {now['sha256'][:12]}, trained on {stored['sha256'][:12]}")
+
+
+def _check_digest(
+    directory: Path, name: str, state: dict[str, Any], data: bytes | None = None
+) -> None:
+    """The file's sha256 (of ``data``, its bytes as already read, when given) must be the one
+    trainer_state.json records."""
     expected = state.get("files_sha256", {}).get(name)
-    path = _require(directory, name)
-    if expected is not None and _file_digest(path) != expected:
+    path = _require(directory, name) if data is None else directory / name
+    actual = _file_digest(path) if data is None else hashlib.sha256(data).hexdigest()
+    if expected is not None and actual != expected:
         raise CheckpointError(
             f"{path}: corrupted (its sha256 differs from the one recorded in {STATE_FILE})"
         )
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_safetensors(
+    path: Path, data: bytes | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file (or of its bytes ``data``, already read)."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        if data is None:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        else:
+            tensors = load_safetensors_bytes(data)
+            header_size = int.from_bytes(data[:8], "little")
+            metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
     except Exception as error:  # safetensors raises its own error types for every corruption
         raise CheckpointError(
             f"{path}: truncated or corrupted safetensors file ({error})"
@@ -285,7 +425,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def load_model_weights(
-    directory: str | os.PathLike[str], model: CANet | None = None
+    directory: str | os.PathLike[str], model: CANet | None = None, *, _data: bytes | None = None
 ) -> CANet:
     """Load ``directory/model.safetensors`` into ``model`` (or a new CANet built from the stored
     arch) and return it.
@@ -293,11 +433,12 @@ def load_model_weights(
     Everything is validated BEFORE the model is touched: the arch in the metadata must equal
     ``model.arch``, every key of ``model.state_dict()`` must be present with the same shape and
     dtype (and no extra key), the tensor digest must match, and no value may be NaN/inf. On any
-    problem CheckpointError names the file and ``model`` is left unchanged.
+    problem CheckpointError names the file and ``model`` is left unchanged. (``_data``: the
+    file's bytes, already read by :func:`load_checkpoint`.)
     """
     directory = Path(directory)
-    path = _require(directory, MODEL_FILE)
-    tensors, metadata = _read_safetensors(path)
+    path = _require(directory, MODEL_FILE) if _data is None else directory / MODEL_FILE
+    tensors, metadata = _read_safetensors(path, _data)
     try:
         stored_arch = json.loads(metadata["arch"])
     except (KeyError, json.JSONDecodeError, TypeError):
@@ -347,22 +488,86 @@ def describe_arch_change(stored: dict[str, Any], current: dict[str, Any]) -> str
     return "checkpoint is from another model architecture (" + "; ".join(changes) + ")"
 
 
+# Reads retried when the checkpoint directory is swapped during the read, and the pauses
+# between them (seconds): a swap is two renames, so a retry almost always finds it finished.
+_READ_RETRY_PAUSES = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+
+def _identity(path: str | os.PathLike[str]) -> tuple[str, int, str] | None:
+    """Which checkpoint ``path`` resolves to now: (directory, its inode, sha256 of its
+    trainer_state.json); None when there is none. The state file differs between any two saves
+    (epoch, history), so this tells saves apart even when a filesystem reuses the inode of a
+    deleted checkpoint for the next one."""
+    try:
+        directory = resolve_checkpoint_dir(path)
+        return str(directory), os.stat(directory).st_ino, _file_digest(directory / STATE_FILE)
+    except (CheckpointError, OSError):
+        return None
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], model: CANet | None = None
 ) -> Checkpoint:
-    """Load a checkpoint (a checkpoint dir, or a run dir -> its best/) for inference."""
+    """Load a checkpoint (a checkpoint dir, or a run dir -> its best/) for inference.
+
+    Safe beside a training run that saves into the same directory. Readers take no lock (a
+    server must not block training, nor training a server); instead every file is checked
+    against the digests in trainer_state.json, so a read that straddles a save's swap (state
+    from the old checkpoint, weights from the new, or a directory that vanished mid-read) fails
+    validation rather than mixing two checkpoints. Such a failure is retried, after a short
+    pause, when the directory ``path`` resolves to changed during the read (a swap, not
+    corruption: a corrupted checkpoint is reported at once); a successful read is retried when
+    the resolution changed (e.g. ``best/`` was momentarily absent and ``last/`` was read), so
+    what is returned is always one complete checkpoint, of the directory asked for. Each read
+    takes every file into memory first, so only a swap during those few reads collides.
+    """
+    for pause in (*_READ_RETRY_PAUSES, None):
+        before = _identity(path)
+        try:
+            loaded = _load_checkpoint_once(path, model)
+        except (CheckpointError, OSError) as error:
+            # OSError: a file vanished between its checks and its read (a swap's cleanup).
+            swapped = _identity(path) != before
+            if swapped and pause is None:
+                raise CheckpointError(
+                    f"{path}: replaced by a save during each of {len(_READ_RETRY_PAUSES) + 1} "
+                    f"reads (a training run saves it faster than it can be read); last: {error}"
+                ) from None
+            if not swapped:
+                if isinstance(error, OSError):
+                    raise CheckpointError(
+                        f"{error.filename or path}: unreadable ({error.strerror or error})"
+                    ) from None
+                raise
+        else:
+            after = _identity(path)
+            if pause is None or after is None or (before is not None and after[0] == before[0]):
+                return loaded
+        time.sleep(pause)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _load_checkpoint_once(path: str | os.PathLike[str], model: CANet | None) -> Checkpoint:
     directory = resolve_checkpoint_dir(path)
     state = _read_state_json(directory)
+    # Every file is read into memory right after the state, before the slow work (building the
+    # model, digests): a save's swap can then only mix checkpoints within these few reads, and
+    # then the digests catch it (load_checkpoint retries).
+    raw = {name: _require(directory, name).read_bytes()
+           for name in (CONFIG_FILE, VOCAB_FILE, MODEL_FILE)}
     for name in (CONFIG_FILE, VOCAB_FILE):
-        _check_digest(directory, name, state)
+        _check_digest(directory, name, state, raw[name])
     config_path = directory / CONFIG_FILE
     try:
-        config = config_from_dict(read_yaml(config_path), source=str(config_path))
-    except CanetError as error:
+        mapping = yaml.safe_load(raw[CONFIG_FILE].decode("utf-8"))  # digest-checked: canet's
+        if not isinstance(mapping, dict):
+            raise CheckpointError(f"expected a YAML mapping, got {type(mapping).__name__}")
+        config = config_from_dict(mapping, source=str(config_path))
+    except (CanetError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise CheckpointError(f"{config_path}: invalid config: {error}") from None
     vocab_path = directory / VOCAB_FILE
     try:
-        vocab = Vocab.from_json(vocab_path.read_text(encoding="utf-8"), source=str(vocab_path))
+        vocab = Vocab.from_json(raw[VOCAB_FILE].decode("utf-8"), source=str(vocab_path))
     except (OSError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{vocab_path}: unreadable ({error})") from None
     except CanetError as error:
@@ -384,8 +589,8 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{directory}: " + describe_arch_change(expected_arch, model.arch)
             )
-        _check_digest(directory, MODEL_FILE, state)
-    model = load_model_weights(directory, model)
+        _check_digest(directory, MODEL_FILE, state, raw[MODEL_FILE])
+    model = load_model_weights(directory, model, _data=raw[MODEL_FILE])
     if model.arch != expected_arch:
         raise CheckpointError(
             f"{directory / MODEL_FILE}: does not belong with {CONFIG_FILE}/{VOCAB_FILE} here; "
@@ -394,7 +599,7 @@ def load_checkpoint(
     if not into_callers_model:
         # A fresh model: checked after loading, so a model file from another run is reported
         # as such rather than as a digest mismatch.
-        _check_digest(directory, MODEL_FILE, state)
+        _check_digest(directory, MODEL_FILE, state, raw[MODEL_FILE])
     if vocab.num_items != model.num_items:
         raise CheckpointError(
             f"{vocab_path}: {vocab.num_items} items, but the model has {model.num_items}"

@@ -258,6 +258,7 @@ class _Run:
         self.skipped_steps = 0
         self.stopped_early = False
         self.history: list[dict[str, Any]] = []
+        self.data_identity = ckpt.data_identity(data)  # once: it hashes the whole split
 
     # -- persistence ---------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
@@ -271,6 +272,7 @@ class _Run:
             "stopped_early": self.stopped_early,
             "history": self.history,
             "rng": rng_json,
+            "data": self.data_identity,
         }
 
     def optimizer_state(self) -> dict[str, Any]:
@@ -485,11 +487,20 @@ def train(
 
     Raises CheckpointError when ``run_dir`` already holds a run and neither ``resume`` nor
     ``overwrite`` is set, or when resuming would change the architecture or the data;
-    TrainingDivergedError after more than ``config.max_bad_steps`` non-finite steps.
+    TrainingDivergedError after more than ``config.max_bad_steps`` non-finite steps;
+    CheckpointError "RUN_DIR is in use by pid N" while another process trains into ``run_dir``.
     """
     config.torch_device()  # an unavailable device fails here, before run_dir is created
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # One writer per run directory, for the whole run: a second train() into it is refused
+    # here, before anything in it is touched (see checkpoint.lock_run_dir).
+    with ckpt.lock_run_dir(run_dir) as locked:
+        return _train_locked(config, data, locked, resume, overwrite, log)
+
+
+def _train_locked(
+    config: TrainConfig, data: SequenceData, run_dir: Path, resume: bool, overwrite: bool,
+    log: Log,
+) -> TrainResult:
     for action in ckpt.cleanup_leftovers(run_dir):
         log(f"canet: {action}")
     has_run = any((run_dir / name).exists() for name in ("best", "last"))
@@ -525,12 +536,18 @@ def _train(
                 f"{last}: the data's users/items differ from the checkpoint's vocab.json; "
                 "resume with the same data file and filters"
             )
+        changed = ckpt.describe_data_change(saved.trainer_state.get("data"), data)
+        if changed:  # resuming on another split could train on the old split's test targets
+            raise CheckpointError(
+                f"{last}: cannot resume with different data: {changed}; resume with the same "
+                "data file and filters"
+            )
         if saved.model.arch != run.model.arch:
             change = ckpt.describe_arch_change(saved.model.arch, run.model.arch)
             raise CheckpointError(f"{last}: {change}")
         run.restore(last)
         log(f"resumed {last} after epoch {run.epoch} (best ndcg@10 {run.best_score})")
-    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    ckpt.write_text_atomic(dump_config(config), run_dir / "config.yaml")
 
     space = run.model.space
     if run.fixed_id is None:

@@ -230,3 +230,29 @@ def test_write_text_atomic_replaces_whole_files_only(tmp_path) -> None:
         write_text_atomic(b"bytes are not text", path)  # fails while writing the temporary
     assert path.read_text() == "new\n"
     assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]  # no leftover
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_and_directories_follow_the_umask(tmp_path, umask) -> None:
+    """Issue 14 item 6: best/ and last/ were 0700 and model.safetensors 0600 (mkdtemp's and
+    the library's modes) whatever the umask, so no other account could load a run."""
+    from canet._io import process_umask
+    from canet.checkpoint import REQUIRED_FILES, lock_run_dir
+
+    config, data, model = _setup()
+    before = os.umask(umask)
+    try:
+        assert process_umask() == umask
+        with lock_run_dir(tmp_path / "run"):
+            target = _save(tmp_path / "run" / "best", model, config, data)
+            _save(target, model, config, data, tag=1)  # the swap path too
+        write_text_atomic("{}", tmp_path / "run" / "metrics.json")
+    finally:
+        os.umask(before)
+    mode = lambda path: path.stat().st_mode & 0o777  # noqa: E731
+    assert mode(target) == 0o777 & ~umask
+    for name in REQUIRED_FILES:
+        assert mode(target / name) == 0o666 & ~umask, name
+    assert mode(tmp_path / "run" / "metrics.json") == 0o666 & ~umask
+    assert mode(tmp_path / "run" / ".lock") == 0o666 & ~umask
+    assert load_checkpoint(target).trainer_state["epoch"] == 1

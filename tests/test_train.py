@@ -386,3 +386,43 @@ def test_bf16_autocast_step_runs_and_keeps_fp32_statistics(data, fixed, all_posi
     assert torch.isfinite(got) and (got - want).abs() <= 0.05 * want.abs()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def _reordered(log, seed: int = 1):
+    """The same users and items with reversed timestamps: another leave-one-out split."""
+    import dataclasses
+    return dataclasses.replace(log, timestamps=-log.timestamps)
+
+
+def test_resume_refuses_the_same_vocabulary_in_another_split(tmp_path) -> None:
+    """Issue 14 item 2: the vocabulary alone let a reordered log resume (test targets of the
+    first split could then be trained on)."""
+    log = synthetic_log(50, 20, 0, seq_len=(5, 14))
+    data = build_dataset(log, TINY["max_len"])
+    other = build_dataset(_reordered(log), TINY["max_len"])
+    assert other.vocab == data.vocab
+    config = config_from_dict({**TINY, "epochs": 1})
+    train(config, data, tmp_path, log=_quiet)
+    identity = load_checkpoint(tmp_path).trainer_state["data"]
+    assert identity["interactions"] == len(data.items) and len(identity["sha256"]) == 64
+    two = config_from_dict({"epochs": 2}, config)
+    with pytest.raises(CheckpointError, match="cannot resume with different data: not the split"):
+        train(two, other, tmp_path, resume=True, log=_quiet)
+    assert train(two, data, tmp_path, resume=True, log=_quiet).epochs_done == 2
+
+
+def test_a_checkpoint_without_data_identity_still_resumes(tmp_path, data) -> None:
+    """Checkpoints from before the data identity: only the vocabulary is compared."""
+    import json
+    config = config_from_dict({**TINY, "epochs": 1})
+    train(config, data, tmp_path, log=_quiet)
+    state_path = tmp_path / "last" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    del state["data"]
+    state_path.write_text(json.dumps(state))
+    two = config_from_dict({"epochs": 2}, config)
+    assert train(two, data, tmp_path, resume=True, log=_quiet).epochs_done == 2
+    state["data"] = {"sha256": "zz", "interactions": 3}
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="'data' must be"):
+        load_checkpoint(tmp_path / "last")

@@ -2,15 +2,18 @@
 
 Full-ranking metrics with standard errors, routing histogram and FLOPs of a trained run
 (:func:`canet.evaluate.evaluate`), written to RUN_DIR/metrics.json (or ``--output``); with
-``--ranks-out`` also each user's target rank, for ``canet compare``.
+``--ranks-out`` also each user's target rank, for ``canet compare``. Data whose split differs
+from the run's training split (same users and items, other sequences) is refused unless
+``--allow-different-data``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import describe_data_change, load_checkpoint
 from ..data import load_dataset
 from ..errors import CanetError
 from ..evaluate import evaluate, format_histogram
@@ -22,6 +25,11 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="run directory (uses best/) or a checkpoint directory")
     parser.add_argument("--data", required=True, help="the interaction log it was trained on")
+    parser.add_argument(
+        "--allow-different-data", action="store_true",
+        help="evaluate even when the data's split differs from the one the run was trained on "
+        "(same users and items, other sequences); a warning says so",
+    )
     parser.add_argument("--split", choices=("test", "valid"), default="test")
     parser.add_argument(
         "--backend", default="model",
@@ -56,6 +64,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             f"{args.data}: its users/items differ from the checkpoint's vocab.json "
             f"({data.num_items} vs {loaded.vocab.num_items} items); evaluate on the training data"
         )
+    changed = describe_data_change(loaded.trainer_state.get("data"), data)
+    if changed and not args.allow_different_data:
+        raise CanetError(
+            f"{args.data}: {changed}; evaluate on the training data, or pass "
+            "--allow-different-data"
+        )
+    if changed:
+        print(f"canet: warning: {args.data}: {changed}; these metrics are of another split",
+              file=sys.stderr)
     metrics = evaluate(
         loaded.model, data, args.split, ks=config.ks,
         exclude_history=config.exclude_history and not args.include_history,

@@ -8,6 +8,7 @@ metrics of best/ to RUN_DIR/metrics.json unless ``--no-test``. Every config key 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -45,22 +46,36 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         run_dir = Path(args.resume)
         if args.out and Path(args.out) != run_dir:
             raise CanetError(f"--out {args.out} differs from --resume {args.resume}")
-        last = run_dir / "last"
-        ckpt.cleanup_leftovers(run_dir)
-        saved = ckpt.load_checkpoint(last).config if last.exists() else None
-        if saved is None:
-            raise CheckpointError(f"{last}: no checkpoint to resume from")
-        config = saved
-        if args.config:
-            config = config_from_dict(read_yaml(args.config), config, source=args.config)
-        if overrides:
-            config = config_from_dict(overrides, config, source="command line")
+        if not run_dir.is_dir():
+            raise CheckpointError(f"{run_dir / 'last'}: no checkpoint to resume from")
     else:
         if not args.out:
             raise CanetError("train needs --out RUN_DIR (or --resume RUN_DIR)")
         run_dir = Path(args.out)
-        config = load_config(args.config, overrides)
-    data = load_dataset(args.data, **config.dataset_options())
+    with contextlib.ExitStack() as held:
+        # The run directory's writer lock is held from here to metrics.json, so a second
+        # `canet train` into it is refused before it loads the data (when the directory
+        # already exists; a new one is created, and locked, only once config and data are good).
+        if run_dir.is_dir():
+            held.enter_context(ckpt.lock_run_dir(run_dir))
+        if args.resume:
+            last = run_dir / "last"
+            ckpt.cleanup_leftovers(run_dir)
+            if not last.exists():
+                raise CheckpointError(f"{last}: no checkpoint to resume from")
+            config = ckpt.load_checkpoint(last).config
+            if args.config:
+                config = config_from_dict(read_yaml(args.config), config, source=args.config)
+            if overrides:
+                config = config_from_dict(overrides, config, source="command line")
+        else:
+            config = load_config(args.config, overrides)
+        data = load_dataset(args.data, **config.dataset_options())
+        held.enter_context(ckpt.lock_run_dir(run_dir))
+        return _train_and_test(args, config, data, run_dir)
+
+
+def _train_and_test(args: argparse.Namespace, config, data, run_dir: Path) -> int:
     result = train(config, data, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
     print(
         f"done: {result.epochs_done} epochs, best valid ndcg@10 "
