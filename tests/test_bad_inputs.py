@@ -100,8 +100,11 @@ CASES: list[tuple[str, list[str]]] = [
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Size, mtime and mode of everything under ``root``; a run directory's writer lock
+    (``.lock``) only by its presence: a command that takes the lock records its pid there."""
     return {
-        str(path.relative_to(root)): (stat.st_size, stat.st_mtime_ns, stat.st_mode)
+        str(path.relative_to(root)): (0, 0, 0) if path.name == ".lock" else
+        (stat.st_size, stat.st_mtime_ns, stat.st_mode)
         for path in sorted(root.rglob("*"))
         for stat in [path.lstat()]
     }

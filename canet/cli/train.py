@@ -70,6 +70,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                 config = config_from_dict(overrides, config, source="command line")
         else:
             config = load_config(args.config, overrides)
+        config.torch_device()  # an unavailable device fails before the data is read
         data = load_dataset(args.data, **config.dataset_options())
         held.enter_context(ckpt.lock_run_dir(run_dir))
         return _train_and_test(args, config, data, run_dir)
