@@ -387,3 +387,15 @@ def test_canet_bench_train_writes_json_and_markdown(tmp_path, monkeypatch) -> No
     report = json.loads(out.read_text())
     assert report["kind"] == "training" and len(report["runs"]) == 4
     assert out.with_suffix(".md").read_text().startswith("# Training throughput")
+
+
+def test_results_go_under_benches_only_in_a_checkout(tmp_path, monkeypatch, capsys) -> None:
+    from canet.bench.__main__ import default_out
+
+    monkeypatch.chdir(tmp_path)
+    assert default_out("x.json") == Path("canet-bench-results") / "x.json"
+    assert "not in a canet checkout" in capsys.readouterr().err
+    (tmp_path / "benches").mkdir()
+    (tmp_path / "canet").mkdir()
+    assert default_out("x.json") == Path("benches/results") / "x.json"
+    assert not (tmp_path / "benches" / "results").exists()  # nothing made before a write

@@ -49,6 +49,17 @@ __all__ = ["main"]
 INFERENCE_ONLY = ("--batch", "--mix", "--backends", "--plot", "--quick", "--seq-len")
 
 
+def default_out(name: str) -> Path:
+    """Where results go without --out: benches/results/ when run from a canet checkout (the
+    committed results live there), else ./canet-bench-results/, said on stderr, never a
+    benches/ tree made up in whatever directory the command runs from."""
+    if Path("benches").is_dir() and Path("canet").is_dir():
+        return Path("benches/results") / name
+    print("canet bench: not in a canet checkout (no ./benches, ./canet): writing to "
+          "./canet-bench-results/ (pass --out to choose)", file=sys.stderr)
+    return Path("canet-bench-results") / name
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -87,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output; a .md table is written beside it "
-                             "(default: benches/results/cpu-<date>.json)")
+                             "(default: benches/results/cpu-<date>.json in a canet checkout, "
+                             "else canet-bench-results/cpu-<date>.json)")
     parser.add_argument("--plot", type=Path, default=None, metavar="DIR",
                         help="also write PNG plots to DIR (needs matplotlib)")
     parser.add_argument("--quick", action="store_true",
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in skipped.items():
         print(f"canet bench: skipping the {name} backend: {why}", file=sys.stderr)
     min_time, min_repeats, warmup_time = (0.05, 1, 0.0) if args.quick else (1.0, 3, 0.2)
-    out = args.out or Path("benches/results") / f"cpu-{dt.date.today().isoformat()}.json"
+    out = args.out or default_out(f"cpu-{dt.date.today().isoformat()}.json")
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -224,7 +236,7 @@ def _main_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     """``canet bench --train``: the training-throughput table, JSON + Markdown."""
     if args.users < 10 or args.steps < 0 or args.old_steps < 0:
         parser.error("--users must be >= 10, --steps and --old-steps >= 0")
-    out = args.out or Path("benches/results") / f"train-cpu-{dt.date.today().isoformat()}.json"
+    out = args.out or default_out(f"train-cpu-{dt.date.today().isoformat()}.json")
     try:
         report = measure_training(
             threads=torch.get_num_threads(), num_users=args.users,

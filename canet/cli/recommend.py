@@ -79,5 +79,7 @@ def _check_output(input_path: str, output: str, overwrite: bool) -> None:
         raise CanetError(
             f"--output {output} is the --input file; write the recommendations elsewhere"
         )
+    if os.path.isdir(output):  # before loading anything, as the atomic writer would say
+        raise CanetError(f"{output}: is a directory; expected a file path")
     if os.path.lexists(output) and not overwrite:
         raise CanetError(f"{output}: already exists; pass --overwrite to replace it")
