@@ -96,3 +96,14 @@ def load_bench(name, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def write_csv_log(path: Path, users: int = 40, items: int = 20, seed: int = 0) -> Path:
+    """A seeded synthetic log written as CSV (user_id,item_id,timestamp) for CLI tests."""
+    from canet.data import synthetic_log
+
+    log = synthetic_log(users, items, seed, seq_len=(5, 12))
+    rows = zip(log.users, log.items, log.timestamps, strict=True)
+    path.write_text("user_id,item_id,timestamp\n"
+                    + "".join(f"{u},{i},{int(t)}\n" for u, i, t in rows))
+    return path

@@ -14,22 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_csv_log as _write_log  # tests/ is on sys.path
 
 from canet import cli
-from canet.data import synthetic_log
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--max-len", "8", "--depths=[1,2]", "--hidden=[8,16]", "--emb=[8,16]",
              "--heads", "2", "--router-dim", "8", "--router-heads", "2", "--epochs", "1",
              "--batch-size", "32", "--progress", "false", "--threads", "1"]
-
-
-def _write_log(path: Path, users: int = 40, items: int = 20, seed: int = 0) -> Path:
-    log = synthetic_log(users, items, seed, seq_len=(5, 12))
-    rows = zip(log.users, log.items, log.timestamps, strict=True)
-    path.write_text("user_id,item_id,timestamp\n"
-                    + "".join(f"{u},{i},{int(t)}\n" for u, i, t in rows))
-    return path
 
 
 def _fail(capsys, argv) -> str:
