@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import _ext, backends, ops
 from .backends import BackendUnavailableError
+from .budget import BudgetError, BudgetTable, RoutingPenalty, check_budget
 from .checks import check_config_ids, check_sequences
 from .flops import batch_flops, flops, flops_router
 from .model import CANet
@@ -136,6 +137,15 @@ class Engine:
             (default: the model's).
         max_score_elements: bound on the (user, item) scores ``recommend`` holds at once
             (where it builds them: see :meth:`recommend`).
+        budget: serve-time compute budget in (0, 1]: the router's argmax is biased by the
+            penalty calibrated for it (``budget_table``, default ``model.budget_table``, which
+            a checkpoint's calibration.json fills: ``canet calibrate``) so that the mean FLOPs
+            per user, as a fraction of the largest config's, stays at or under it on the
+            calibration users. None or 1.0: the router's own routing, exactly.
+        max_flops: hard per-user cap in (0, 1]: no user is routed to a config costing more
+            than this fraction of the largest config's FLOPs (needs no calibration).
+        penalty: an explicit :class:`canet.budget.RoutingPenalty` instead of ``budget`` and
+            ``max_flops`` (calibration and tests).
     """
 
     def __init__(
@@ -144,6 +154,11 @@ class Engine:
         backend: str = "auto",
         dtype: torch.dtype | str | None = None,
         max_score_elements: int = DEFAULT_MAX_SCORE_ELEMENTS,
+        *,
+        budget: float | None = None,
+        max_flops: float | None = None,
+        penalty: RoutingPenalty | None = None,
+        budget_table: BudgetTable | None = None,
     ) -> None:
         if not isinstance(model, CANet):
             raise ValueError(f"Engine needs a canet.CANet, got {type(model).__name__}")
@@ -163,6 +178,15 @@ class Engine:
             state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
         self.arch = dict(model.arch)
         self.space = model.space
+        self.penalty = _routing_penalty(
+            model, budget, max_flops, penalty,
+            model.budget_table if budget_table is None else budget_table,
+        )
+        self.budget = budget
+        self._penalty_vector = (
+            None if self.penalty is None
+            else self.penalty.vector(model.flops_fractions, self.device)
+        )
         self.num_items = model.num_items
         self.max_len = model.max_len
         self.backend = backends.resolve(backend, self.device, self.dtype)
@@ -200,7 +224,7 @@ class Engine:
         """Config id per user (argmax of the router). seqs ``[B, L]`` -> ``[B]`` int64."""
         seqs = self._check(seqs)
         with torch.inference_mode():
-            return self._impl.route(seqs)
+            return self._impl.route(seqs, self._penalty_vector)
 
     def score(self, seqs: Tensor, config_ids: Tensor | None = None) -> Tensor:
         """Scores ``[B, N+1]`` equal to ``model.score(seqs, config_ids)``; column 0 is -inf.
@@ -230,7 +254,7 @@ class Engine:
                 f"capture needs a backend that plans on the device (triton on a CUDA GPU); "
                 f"this engine runs the {self.backend!r} backend on {self.device}"
             )
-        return self._impl.capture(batch_size, routed=routed)
+        return self._impl.capture(batch_size, routed=routed, penalty=self._penalty_vector)
 
     def recommend(
         self,
@@ -355,7 +379,7 @@ class Engine:
 
     def _config_ids(self, seqs: Tensor, config_ids: Tensor | None) -> tuple[Tensor, bool]:
         if config_ids is None:
-            return self._impl.route(seqs), True
+            return self._impl.route(seqs, self._penalty_vector), True
         config_ids = check_config_ids(config_ids, seqs.shape[0], self.space.n_configs)
         return config_ids.to(self.device), False
 
@@ -382,6 +406,39 @@ class Engine:
             flops_largest=users * self._flops_largest,
             order=plan.order,
         )
+
+
+def _routing_penalty(
+    model: CANet,
+    budget: float | None,
+    max_flops: float | None,
+    penalty: RoutingPenalty | None,
+    table: BudgetTable | None,
+) -> RoutingPenalty | None:
+    """The engine's routing penalty (None: the router's own argmax), checked at the boundary."""
+    if penalty is not None:
+        if budget is not None or max_flops is not None:
+            raise BudgetError("pass either penalty or budget/max_flops to the Engine, not both")
+        return None if penalty.is_identity else penalty
+    if max_flops is not None:
+        max_flops = check_budget(max_flops, "max_flops")
+    if budget is None:
+        chosen = RoutingPenalty(0.0, max_flops)
+    else:
+        budget = check_budget(budget)
+        if table is None:
+            if budget < 1.0:
+                raise BudgetError(
+                    f"budget {budget:g} needs a calibration table, and this model has none "
+                    "(a run trained before calibration existed, or a model built in code): "
+                    "run `canet calibrate RUN_DIR --data LOG` (or pass budget_table=)"
+                )
+            chosen = RoutingPenalty(0.0, max_flops)
+        else:
+            chosen = table.penalty(budget, max_flops)
+    if chosen.max_flops is not None:
+        chosen.vector(model.flops_fractions)  # a cap below every config fails here
+    return None if chosen.is_identity else chosen
 
 
 def _exclusions(

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .budget import RoutingPenalty
 from .data import SequenceData
 from .engine import Engine
 from .errors import CanetError
@@ -42,6 +43,7 @@ def evaluate(
     fixed_config_id: int | None = None,
     shuffle_routing_seed: int | None = None,
     per_user: bool = False,
+    penalty: RoutingPenalty | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``split`` of ``data`` as a JSON-able dict.
 
@@ -50,7 +52,8 @@ def evaluate(
     full-size baseline); ``shuffle_routing_seed`` takes the router's choices for the whole
     split and deals them out to the users in a seeded random order: the random-routing
     baseline with exactly the router's histogram (and so its FLOPs). Otherwise the router's
-    argmax decides. Results do not depend on
+    argmax decides, biased by ``penalty`` (a serve-time budget: :mod:`canet.budget`) when given
+    (an ``engine`` passed in routes with its own penalty instead). Results do not depend on
     ``batch_size``. Keys: ``split``, ``metrics`` ({"ndcg@10": ...}), ``standard_errors`` (of
     each metric's mean over users: the resolution of the test set), ``num_users``,
     ``num_items``, ``protocol``, ``routing`` (histogram over config ids), ``flops``, ``backend``;
@@ -71,15 +74,24 @@ def evaluate(
         )
     if fixed_config_id is not None and shuffle_routing_seed is not None:
         raise CanetError("choose either a fixed config or shuffled routing, not both")
+    if penalty is not None and fixed_config_id is not None:
+        raise CanetError("a routing penalty (budget) does not apply to a fixed config")
+    if engine is not None and penalty is not None:
+        raise CanetError("pass the routing penalty to the Engine, not to evaluate() with it")
     if engine is None and backend != "model":
-        engine = Engine(model, backend=backend)
+        engine = Engine(model, backend=backend, penalty=penalty)
     was_training = model.training
     model.eval()
     device = model.supernet.out.weight.device
     accumulator = MetricAccumulator(ks)
     histogram = torch.zeros(space.n_configs, dtype=torch.int64)
     collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    route = engine.route if engine is not None else model.route
+    if engine is not None:
+        route = engine.route
+        penalty = engine.penalty
+    else:
+        def route(seqs: torch.Tensor) -> torch.Tensor:
+            return model.route(seqs, penalty)
     try:
         with torch.inference_mode():
             dealt = None
@@ -129,6 +141,10 @@ def evaluate(
         mode = f"router's histogram dealt to users at random (seed {shuffle_routing_seed})"
     else:
         mode = "router argmax"
+    if penalty is not None and not penalty.is_identity and fixed_config_id is None:
+        mode += f" - {penalty.lam:.6g} x FLOPs fraction"
+        if penalty.max_flops is not None:
+            mode += f", configs above {penalty.max_flops:g} of the largest's FLOPs excluded"
     metrics = {
         "split": split,
         "metrics": results,
@@ -150,6 +166,8 @@ def evaluate(
         "routing": {
             "mode": mode,
             "histogram": counts,
+            "penalty": None if penalty is None or fixed_config_id is not None else {
+                "lam": penalty.lam, "max_flops": penalty.max_flops},
             "configs": [[c.depth, c.hidden, c.emb] for c in space.configs],
         },
         "flops": {

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .budget import BudgetTable, RoutingPenalty, flops_fractions, route_with_penalty
 from .checks import check_choice, check_config_ids, check_sequences
 from .space import Config, RoutingSpace
 
@@ -456,6 +457,8 @@ class CANet(nn.Module):
             "router_heads": router_heads,
             "residual_scaling": residual_scaling,
         }
+        # Calibrated serve-time budgets (canet.budget), set by training or load_checkpoint.
+        self.budget_table: BudgetTable | None = None
         self.supernet = Supernet(num_items, max_len, self.space, dropout, residual_scaling)
         self.router = Router(
             num_items, max_len, self.space.n_configs, router_dim, router_heads, dropout
@@ -492,22 +495,38 @@ class CANet(nn.Module):
         """Validate a batch ``[B, L]`` against this model (ValueError) and return it as int64."""
         return check_sequences(seqs, self.num_items, self.max_len)
 
-    def route(self, seqs: Tensor) -> Tensor:
-        """Deterministic routing: argmax of the router logits. seqs ``[B, L]`` -> ids ``[B]``."""
-        seqs = self.check(seqs)
-        with torch.no_grad():
-            return self.router.logits_unchecked(seqs).argmax(dim=-1)
+    @property
+    def flops_fractions(self) -> tuple[float, ...]:
+        """Inference FLOPs of each config over the largest's (canet.budget.flops_fractions)."""
+        return flops_fractions(self.space, self.max_len, self.num_items)
 
-    def score(self, seqs: Tensor, config_ids: Tensor | None = None) -> Tensor:
+    def route(self, seqs: Tensor, penalty: RoutingPenalty | None = None) -> Tensor:
+        """Deterministic routing: argmax of the router logits, minus ``penalty``'s
+        ``lam * FLOPs fraction`` (a serve-time budget, :mod:`canet.budget`) when given.
+        seqs ``[B, L]`` -> ids ``[B]``. The reference every backend's routing must equal."""
+        return self._route_checked(self.check(seqs), penalty)
+
+    def _route_checked(self, seqs: Tensor, penalty: RoutingPenalty | None) -> Tensor:
+        with torch.no_grad():
+            logits = self.router.logits_unchecked(seqs)
+        vector = None if penalty is None else penalty.vector(self.flops_fractions, seqs.device)
+        return route_with_penalty(logits, vector)
+
+    def score(
+        self,
+        seqs: Tensor,
+        config_ids: Tensor | None = None,
+        penalty: RoutingPenalty | None = None,
+    ) -> Tensor:
         """Last-position scores through each user's own sub-network (the sliced path).
 
-        seqs ``[B, L]`` left-padded item ids; config_ids ``[B]`` (None: the router decides).
-        Returns ``[B, N+1]`` in the model's dtype; column 0 (padding) is -inf.
+        seqs ``[B, L]`` left-padded item ids; config_ids ``[B]`` (None: the router decides,
+        biased by ``penalty`` when given). Returns ``[B, N+1]`` in the model's dtype; column 0
+        (padding) is -inf.
         """
         seqs = self.check(seqs)
         if config_ids is None:
-            with torch.no_grad():
-                config_ids = self.router.logits_unchecked(seqs).argmax(dim=-1)
+            config_ids = self._route_checked(seqs, penalty)
         config_ids = check_config_ids(config_ids, seqs.shape[0], self.space.n_configs)
         config_ids = config_ids.to(seqs.device)
         dtype = self.supernet.out.weight.dtype

@@ -26,6 +26,7 @@ LAYERS = {
     "canet.model": ("core", 1),
     "canet.losses": ("core", 1),
     "canet.flops": ("core", 1),
+    "canet.budget": ("core", 1),
     "canet.checks": ("core", 1),
     "canet.metrics": ("core", 1),
     "canet._ext": ("inference", 2),

@@ -27,6 +27,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..budget import route_with_penalty
 from ..errors import CanetError
 from ..ops import Plan
 
@@ -116,8 +117,15 @@ class Backend(ABC):
 
     # -- every backend ---------------------------------------------------------------------
     @abstractmethod
-    def route(self, seqs: Tensor) -> Tensor:
-        """Argmax routing. seqs ``[B, L]`` int64 (validated by the caller) -> config ids ``[B]``."""
+    def router_logits(self, seqs: Tensor) -> Tensor:
+        """Router logits ``[B, C]``. seqs ``[B, L]`` int64, validated by the caller."""
+
+    def route(self, seqs: Tensor, penalty: Tensor | None = None) -> Tensor:
+        """Argmax routing, minus a serve-time budget's ``penalty [C]`` (float32, from
+        :meth:`canet.budget.RoutingPenalty.vector`; None: plain argmax). seqs ``[B, L]`` int64
+        (validated by the caller) -> config ids ``[B]``. The one routing rule of every backend:
+        :func:`canet.budget.route_with_penalty` on this backend's logits."""
+        return route_with_penalty(self.router_logits(seqs), penalty)
 
     @abstractmethod
     def scores(self, seqs: Tensor, plan: Plan) -> Tensor:
@@ -139,8 +147,11 @@ class Backend(ABC):
         when given."""
         raise self._lacks("device-side plan (scores_from_ids)", "PLANS_ON_DEVICE")
 
-    def capture(self, batch_size: int, routed: bool = True) -> Callable[..., Tensor]:
-        """(CAPTURABLE) The whole forward for ``batch_size`` users in one CUDA graph."""
+    def capture(
+        self, batch_size: int, routed: bool = True, penalty: Tensor | None = None
+    ) -> Callable[..., Tensor]:
+        """(CAPTURABLE) The whole forward for ``batch_size`` users in one CUDA graph (routed
+        with ``penalty``, as :meth:`route`)."""
         raise self._lacks("CUDA-graph capture", "CAPTURABLE")
 
     def last_hidden(self, seqs: Tensor, plan: Plan) -> Tensor:

@@ -72,10 +72,6 @@ class Backend(base.Backend):
             + [state["router.head.weight"], state["router.head.bias"]]
         )
 
-    def route(self, seqs: Tensor) -> Tensor:
-        """Argmax routing. seqs ``[B, L]`` -> config ids ``[B]``."""
-        return self.router_logits(seqs).argmax(dim=-1)
-
     def router_logits(self, seqs: Tensor) -> Tensor:
         """Router logits ``[B, C]``. seqs ``[B, L]`` int64, validated by the caller."""
         return torch.ops.canet.router_logits(seqs, self.router_weights, self.router_heads)

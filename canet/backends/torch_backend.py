@@ -37,9 +37,9 @@ class Backend(base.Backend):
         self.model = module_over(arch, state)
         self.configs = self.model.space.configs
 
-    def route(self, seqs: Tensor) -> Tensor:
-        """Argmax routing. seqs ``[B, L]`` -> config ids ``[B]``."""
-        return self.model.router.logits_unchecked(seqs).argmax(dim=-1)
+    def router_logits(self, seqs: Tensor) -> Tensor:
+        """Router logits ``[B, C]`` (PyTorch). seqs ``[B, L]`` int64, validated by the caller."""
+        return self.model.router.logits_unchecked(seqs)
 
     def scores(self, seqs: Tensor, plan: Plan) -> Tensor:
         """Scores ``[B, N+1]`` (users in input order) following ``plan``. seqs ``[B, L]``."""

@@ -208,9 +208,9 @@ class Backend(base.Backend):
         self._workspaces: dict[int, _Workspace] = {}
 
     # -- backend interface ---------------------------------------------------------------------
-    def route(self, seqs: Tensor) -> Tensor:
-        """Argmax routing. seqs ``[B, L]`` -> config ids ``[B]``."""
-        return self.model.router.logits_unchecked(seqs).argmax(dim=-1)
+    def router_logits(self, seqs: Tensor) -> Tensor:
+        """Router logits ``[B, C]`` (PyTorch). seqs ``[B, L]`` int64, validated by the caller."""
+        return self.model.router.logits_unchecked(seqs)
 
     def scores(self, seqs: Tensor, plan: Plan) -> Tensor:
         """Scores ``[B, N+1]`` (users in input order) following ``plan``. seqs ``[B, L]``."""
@@ -241,15 +241,17 @@ class Backend(base.Backend):
             )
         return self._forward(seqs, workspace, workspace.plan.order, out)
 
-    def capture(self, batch_size: int, routed: bool = True) -> CapturedForward:
+    def capture(
+        self, batch_size: int, routed: bool = True, penalty: Tensor | None = None
+    ) -> CapturedForward:
         """Record the whole forward for ``batch_size`` users in one CUDA graph (see
-        :class:`CapturedForward`). ``routed``: the graph runs the router too; otherwise each call
-        passes config ids."""
+        :class:`CapturedForward`). ``routed``: the graph runs the router too (with a budget's
+        ``penalty [C]``, as :meth:`route`); otherwise each call passes config ids."""
         if self.device.type != "cuda":
             raise base.BackendUnavailableError(
                 f"capture needs a CUDA device (CUDA graphs); this backend runs on {self.device}"
             )
-        return CapturedForward(self, batch_size, routed)
+        return CapturedForward(self, batch_size, routed, penalty)
 
     # -- internals -------------------------------------------------------------------------
     def _workspace(self, batch: int) -> _Workspace:
@@ -304,7 +306,9 @@ class CapturedForward:
     overwrites them (clone to keep). Inputs must be valid (ids in range, as the engine checks).
     """
 
-    def __init__(self, backend: Backend, batch_size: int, routed: bool) -> None:
+    def __init__(
+        self, backend: Backend, batch_size: int, routed: bool, penalty: Tensor | None = None
+    ) -> None:
         device = backend.device
         self.backend, self.routed = backend, routed
         self.seqs = torch.zeros(batch_size, backend.max_len, dtype=torch.int64, device=device)
@@ -316,7 +320,7 @@ class CapturedForward:
 
         def step() -> None:
             if routed:
-                self.config_ids.copy_(backend.route(self.seqs))
+                self.config_ids.copy_(backend.route(self.seqs, penalty))
             backend.scores_from_ids(self.seqs, self.config_ids, out=self.out)
 
         # The warm-up runs compile the kernels and allocate the workspace outside the graph.

@@ -1,0 +1,311 @@
+"""Serve-time compute budgets: the router's argmax biased toward cheaper sub-networks.
+
+With a routing penalty ``lam >= 0`` a user goes to ``argmax_c (logits[c] - lam * fraction[c])``,
+where ``fraction[c]`` is config ``c``'s inference FLOPs over the largest config's
+(:func:`flops_fractions`, router excluded); a hard cap ``max_flops`` removes every config whose
+fraction is above it. ``lam = 0`` without a cap is the router's own argmax, exactly.
+
+Raising ``lam`` can only move a user to a config of lower cost (for ``lam' > lam``, a config
+chosen at ``lam'`` that cost more than the one chosen at ``lam`` would have beaten it at
+``lam`` too), so the mean fraction over a set of users never rises with ``lam``. The ``lam`` of
+a budget ``b`` (mean fraction at or under ``b`` on calibration users) is therefore found by
+bisection: :func:`calibrate_lambda`. A :class:`BudgetTable` holds, per budget, its ``lam``,
+the fraction achieved on the calibration users and their NDCG@10; a checkpoint stores it as
+``calibration.json`` (``canet calibrate``), and ``Engine(model, budget=b)`` looks ``b`` up in it.
+
+Every routing decision with a penalty goes through :func:`route_with_penalty`, in float32, so
+calibration and every backend apply the same arithmetic to the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import CanetError
+from .flops import flops
+from .space import RoutingSpace
+
+__all__ = [
+    "BudgetError",
+    "BudgetPoint",
+    "BudgetTable",
+    "RoutingPenalty",
+    "calibrate_lambda",
+    "check_budget",
+    "flops_fractions",
+    "mean_fraction",
+    "route_with_penalty",
+    "smallest_penalty",
+]
+
+# Bisection steps of calibrate_lambda: the bracket [0, hi] shrinks 2^-60-fold, far below the
+# float32 resolution of the penalty vector.
+BISECTION_STEPS = 60
+TABLE_VERSION = 1
+
+
+class BudgetError(CanetError, ValueError):
+    """A budget, cap or calibration table that cannot be used; the message says why."""
+
+
+def flops_fractions(space: RoutingSpace, max_len: int, num_items: int) -> tuple[float, ...]:
+    """Inference FLOPs of each config over the largest config's (router excluded), in config-id
+    order, for full ``max_len`` windows and ``num_items`` items: the costs a budget counts."""
+    largest = flops(space.configs[space.largest_id], max_len, num_items)
+    return tuple(flops(c, max_len, num_items) / largest for c in space.configs)
+
+
+def check_budget(value: object, name: str = "budget") -> float:
+    """``value`` as a float in (0, 1], else BudgetError saying what was expected and what came."""
+    expected = (
+        f"{name} must be a number in (0, 1] (mean FLOPs per user as a fraction of the largest "
+        "sub-network's)"
+    )
+    if isinstance(value, bool):
+        raise BudgetError(f"{expected}, got {value!r}")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise BudgetError(f"{expected}, got {str(value)[:40]!r}") from None
+    if not (math.isfinite(number) and 0.0 < number <= 1.0):
+        raise BudgetError(f"{expected}, got {str(value)[:40]}")
+    return number
+
+
+@dataclass(frozen=True)
+class RoutingPenalty:
+    """How the router's argmax is biased: ``logits - lam * fraction``, configs above
+    ``max_flops`` (a fraction of the largest config's FLOPs) never chosen."""
+
+    lam: float = 0.0
+    max_flops: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
+            raise BudgetError(f"routing penalty lambda must be a finite number >= 0, got "
+                              f"{self.lam!r}")
+        if self.max_flops is not None:
+            check_budget(self.max_flops, "max_flops")
+
+    @property
+    def is_identity(self) -> bool:
+        """True when routing is the router's own argmax (no penalty, no cap)."""
+        return self.lam == 0 and self.max_flops is None
+
+    def vector(
+        self, fractions: Sequence[float], device: torch.device | str | None = None
+    ) -> Tensor | None:
+        """float32 ``[C]`` subtracted from the logits (``+inf`` for configs above the cap), or
+        None for the identity. BudgetError when the cap leaves no config."""
+        if self.is_identity:
+            return None
+        costs = torch.tensor(list(fractions), dtype=torch.float64)
+        penalty = self.lam * costs
+        if self.max_flops is not None:
+            allowed = costs <= self.max_flops
+            if not bool(allowed.any()):
+                raise BudgetError(
+                    f"max_flops {self.max_flops:g} is below every sub-network's cost; the "
+                    f"smallest achievable is {float(costs.min()):.4f}"
+                )
+            penalty = penalty.masked_fill(~allowed, math.inf)
+        return penalty.to(device=device, dtype=torch.float32)
+
+
+def route_with_penalty(logits: Tensor, penalty: Tensor | None) -> Tensor:
+    """Config id per user: ``argmax(logits - penalty)`` in float32. logits ``[B, C]``,
+    penalty ``[C]`` from :meth:`RoutingPenalty.vector` (None: plain argmax) -> ``[B]`` int64."""
+    if penalty is None:
+        return logits.argmax(dim=-1)
+    return (logits.float() - penalty).argmax(dim=-1)
+
+
+def mean_fraction(config_ids: Tensor, fractions: Sequence[float]) -> float:
+    """Mean FLOPs fraction of users routed to ``config_ids [U]`` (float64 sum)."""
+    if config_ids.numel() == 0:
+        raise BudgetError("no users to measure the FLOPs of")
+    costs = torch.tensor(list(fractions), dtype=torch.float64, device=config_ids.device)
+    return float(costs[config_ids].mean())
+
+
+def calibrate_lambda(
+    logits: Tensor,
+    fractions: Sequence[float],
+    budget: float,
+    max_flops: float | None = None,
+) -> tuple[float, float]:
+    """The smallest penalty ``lam`` (to float precision) whose routing of the calibration users
+    ``logits [U, C]`` has a mean FLOPs fraction at or under ``budget``; returns
+    ``(lam, achieved fraction)``. Deterministic (bisection on a bracket that does not depend on
+    ``budget``, so a larger budget never gets a larger ``lam``). ``lam = 0`` when the router's
+    own routing fits. BudgetError when ``budget`` is below what routing every user to the
+    cheapest allowed config costs (the message names that smallest achievable budget)."""
+    budget = check_budget(budget)
+    if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] != len(fractions):
+        raise BudgetError(
+            f"calibration needs router logits [users >= 1, {len(fractions)}], got "
+            f"{tuple(logits.shape)}"
+        )
+    logits = logits.detach().float()
+
+    def cost(lam: float) -> float:
+        vector = RoutingPenalty(lam, max_flops).vector(fractions, logits.device)
+        return mean_fraction(route_with_penalty(logits, vector), fractions)
+
+    allowed = [f for f in fractions if max_flops is None or f <= max_flops]
+    smallest = min(allowed) if allowed else min(fractions)
+    if budget < smallest:
+        raise BudgetError(
+            f"budget {budget:g} is below the cheapest sub-network's cost: the smallest "
+            f"achievable budget is {smallest:.4f} (every user on the smallest config)"
+        )
+    at_zero = cost(0.0)
+    if at_zero <= budget:
+        return 0.0, at_zero
+    # The bracket's top does not depend on the budget (see smallest_penalty).
+    high, low = smallest_penalty(logits, fractions, max_flops), 0.0
+    for _ in range(BISECTION_STEPS):
+        middle = 0.5 * (low + high)
+        if cost(middle) <= budget:
+            high = middle
+        else:
+            low = middle
+    return high, cost(high)
+
+
+def smallest_penalty(
+    logits: Tensor, fractions: Sequence[float], max_flops: float | None = None
+) -> float:
+    """A penalty (a power of 2) large enough that every user of ``logits [U, C]`` takes the
+    cheapest allowed config: the top of :func:`calibrate_lambda`'s bracket, and the table's
+    lambda at its smallest achievable budget."""
+    logits = logits.detach().float()
+    allowed = [f for f in fractions if max_flops is None or f <= max_flops]
+    cheapest = min(allowed) if allowed else min(fractions)
+    high = 1.0
+    while high < 1e30:
+        vector = RoutingPenalty(high, max_flops).vector(fractions, logits.device)
+        if mean_fraction(route_with_penalty(logits, vector), fractions) <= cheapest:
+            break
+        high *= 2.0
+    return high
+
+
+@dataclass(frozen=True)
+class BudgetPoint:
+    """One calibrated budget: its penalty, the fraction achieved and NDCG@10 on the
+    calibration users (None when not measured)."""
+
+    budget: float
+    lam: float
+    flops_fraction: float
+    ndcg10: float | None = None
+
+
+@dataclass(frozen=True)
+class BudgetTable:
+    """Calibrated budgets of one trained model, in increasing budget order.
+
+    ``smallest_fraction``/``lam_smallest``: the cheapest achievable budget and a penalty that
+    routes every calibration user to the cheapest config (the table's lower end for
+    interpolation). ``split``/``num_users``: the calibration users (validation, by default).
+    """
+
+    points: tuple[BudgetPoint, ...]
+    smallest_fraction: float
+    lam_smallest: float
+    split: str = "valid"
+    num_users: int = 0
+
+    def __post_init__(self) -> None:
+        budgets = [p.budget for p in self.points]
+        if not budgets or budgets != sorted(set(budgets)):
+            raise BudgetError(f"a budget table needs distinct budgets in increasing order, got "
+                              f"{budgets}")
+        if any(a.lam < b.lam for a, b in zip(self.points, self.points[1:], strict=False)):
+            raise BudgetError("a budget table's lambdas must not increase with the budget")
+
+    @property
+    def budgets(self) -> list[float]:
+        return [p.budget for p in self.points]
+
+    def penalty(
+        self, budget: float | None = None, max_flops: float | None = None
+    ) -> RoutingPenalty:
+        """The routing penalty for ``budget`` (None or 1.0: the router's own routing) with an
+        optional hard cap. A budget between two calibrated ones gets the linear interpolation
+        of their lambdas: its mean fraction lies between theirs (so it may exceed ``budget``,
+        never the next calibrated budget). BudgetError below the smallest achievable budget."""
+        if budget is None:
+            return RoutingPenalty(0.0, max_flops)
+        budget = check_budget(budget)
+        if budget < self.smallest_fraction:
+            raise BudgetError(
+                f"budget {budget:g} is below the cheapest sub-network's cost: the smallest "
+                f"achievable budget is {self.smallest_fraction:.4f}"
+            )
+        points = [(self.smallest_fraction, self.lam_smallest)] + [
+            (p.budget, p.lam) for p in self.points if p.budget > self.smallest_fraction
+        ]
+        if budget >= points[-1][0]:
+            lam = points[-1][1] if budget < 1.0 else 0.0
+            return RoutingPenalty(lam, max_flops)
+        for (b0, l0), (b1, l1) in zip(points, points[1:], strict=False):
+            if b0 <= budget <= b1:
+                if budget == b1:
+                    return RoutingPenalty(l1, max_flops)
+                share = (budget - b0) / (b1 - b0)
+                return RoutingPenalty(l0 + share * (l1 - l0), max_flops)
+        raise AssertionError("unreachable: the points cover [smallest_fraction, last budget]")
+
+    # -- JSON (calibration.json) -----------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": TABLE_VERSION,
+                "split": self.split,
+                "num_users": self.num_users,
+                "smallest_fraction": self.smallest_fraction,
+                "lam_smallest": self.lam_smallest,
+                "points": [asdict(p) for p in self.points],
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "calibration.json") -> BudgetTable:
+        """Parse and validate; BudgetError naming ``source`` and what is wrong."""
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or data.get("version") != TABLE_VERSION:
+                raise ValueError(f"expected a JSON object with version {TABLE_VERSION}")
+            points = []
+            for raw in data["points"]:
+                if set(raw) != {"budget", "lam", "flops_fraction", "ndcg10"}:
+                    raise ValueError(f"a point needs budget, lam, flops_fraction, ndcg10: {raw}")
+                point = BudgetPoint(
+                    check_budget(raw["budget"]), _finite(raw["lam"], "lam"),
+                    _finite(raw["flops_fraction"], "flops_fraction"),
+                    None if raw["ndcg10"] is None else _finite(raw["ndcg10"], "ndcg10"),
+                )
+                RoutingPenalty(point.lam)  # lam >= 0
+                points.append(point)
+            return cls(
+                tuple(points), check_budget(data["smallest_fraction"], "smallest_fraction"),
+                _finite(data["lam_smallest"], "lam_smallest"), str(data["split"]),
+                int(data["num_users"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:  # BudgetError is a ValueError
+            raise BudgetError(f"{source}: invalid calibration table: {error}") from None
+
+
+def _finite(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
