@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from .budget import BudgetError, check_budget
 from .engine import resolve_device
 from .errors import CanetError, ConfigError
 from .losses import LossWeights
@@ -98,6 +99,18 @@ class TrainConfig:
     sharpness_emb: float = LossWeights.sharpness_emb
     sharpness_hidden: float = LossWeights.sharpness_hidden
     sharpness_depth: float = LossWeights.sharpness_depth
+    # Not in the paper; null = its objective. A FLOPs fraction in (0, 1]: adds
+    # flops_weight * (router's expected FLOPs fraction over the batch - flops_target)^2
+    # (canet.losses.flops_loss), so training shapes the router toward that compute.
+    flops_target: float | None = None
+    # The penalty is small (0.01 for a 0.1 miss) beside next-item CE (~7-10 at the start) and
+    # the guide/uniform terms (weight 0.01 each, values ~1-4): at 10 a 0.1 miss costs 0.1 of
+    # loss and pulls with gradient 2 per unit of expected fraction, well above the uniform
+    # term's pull toward the mean config cost. Measured (docs/training.md, 200 synthetic users,
+    # 8 configs, 3 epochs, target 0.3 from 0.43): the last epoch's expected fraction was 0.434
+    # at weight 0.1, 0.322 at 1, 0.296 at 10, 0.294 at 100 (Adam normalises the step, so past
+    # ~10 a larger weight buys little), with the same next-item loss.
+    flops_weight: float = 10.0
     validate_router_input: bool = False  # run the router's boundary checks on every batch
     max_bad_steps: int = 10  # NaN/inf losses or gradients tolerated before training stops
     clip_grad_norm: float = 0.0  # clip the total gradient norm to this; 0 = no clipping
@@ -253,6 +266,16 @@ class TrainConfig:
             if self.format not in FORMATS:
                 raise ConfigError(f"format must be one of {list(FORMATS)} or null, got "
                                   f"{short(self.format)}")
+        if self.flops_target is not None:
+            try:
+                check_budget(self.flops_target, "flops_target")
+            except BudgetError as error:
+                raise ConfigError(str(error)) from None
+            if self.fixed_config is not None:
+                raise ConfigError(
+                    f"flops_target trains the router, and fixed_config {short(self.fixed_config)} "
+                    "has none; drop one of them"
+                )
         self.fixed_config_id(self.routing_space())
         return self
 
@@ -296,6 +319,7 @@ FLOAT_RANGES: dict[str, tuple[float, bool, float | None, str]] = {
     "guide_weight": (0.0, False, None, ""),
     "uniform_weight": (0.0, False, None, ""),
     "balance_weight": (0.0, False, None, ""),
+    "flops_weight": (0.0, False, None, ""),
     # Exponents of the guide's soft labels: negative reverses them, 0 makes them uniform.
     "sharpness_emb": (-math.inf, False, None, ""),
     "sharpness_hidden": (-math.inf, False, None, ""),

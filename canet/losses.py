@@ -13,6 +13,14 @@
 Difference from the paper's code, on purpose: there both auxiliary cross-entropies apply
 ``log_softmax`` to the summed router LOGITS; here they use the router's probabilities and their
 true marginals (``-sum label * log marginal``).
+
+Not in the paper, off by default: a FLOPs target (``flops_target`` in the training config,
+:func:`flops_loss`) adds ``w_flops * (E_b[sum_c p_bc f_c] - target)^2``, where ``f_c`` is config
+``c``'s inference FLOPs over the largest config's (:func:`canet.budget.flops_fractions`, the cost
+a serve-time budget counts) and ``p_b`` user ``b``'s router distribution. Squared, not a hinge
+``max(0, E - target)^2``: the target is the compute the run should train its router for, so
+missing it from below (a router that spends less than asked, e.g. collapsed on a small config)
+is pulled back as well as overspending; a hinge would make the target a ceiling only.
 """
 
 from __future__ import annotations
@@ -24,12 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .budget import flops_fractions
 from .space import RoutingSpace
 
 __all__ = [
     "soft_labels",
     "decoupled_marginals",
     "balance_loss",
+    "flops_fraction_table",
+    "flops_loss",
     "guide_loss",
     "uniform_loss",
     "next_item_loss",
@@ -125,6 +136,29 @@ def balance_loss(router_logits: Tensor) -> Tensor:
     own distribution free to be sharp. router_logits ``[B, C]`` -> scalar."""
     mean = torch.softmax(router_logits, dim=-1).mean(0)
     return (mean * (mean.clamp_min(1e-30) * mean.shape[0]).log()).sum()
+
+
+@functools.lru_cache(maxsize=32)
+def flops_fraction_table(
+    space: RoutingSpace, max_len: int, num_items: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``[C]`` FLOPs fraction of each config (:func:`canet.budget.flops_fractions`, the cost a
+    serve-time budget counts), built once per (space, max_len, num_items, dtype, device)."""
+    # Cached as the other tables here: a training step copies nothing to the device. A plain
+    # tensor even when first built under inference_mode (a later backward saves it).
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(flops_fractions(space, max_len, num_items), dtype=dtype, device=device)
+
+
+def flops_loss(router_logits: Tensor, fractions: Tensor, target: float) -> tuple[Tensor, Tensor]:
+    """FLOPs-target penalty: router logits ``[B, C]``, fractions ``[C]`` (config FLOPs over the
+    largest's, :func:`flops_fraction_table`), target in (0, 1] -> (penalty, expected), both
+    float32 scalars: ``expected = mean_b sum_c softmax(logits_b)_c * fractions_c`` (the router's
+    expected FLOPs fraction over the batch) and ``penalty = (expected - target)^2`` (squared:
+    pulls from both sides; see the module docstring). Its gradient is zero at the target."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    expected = (probs @ fractions.float()).mean()
+    return (expected - target).square(), expected
 
 
 def next_item_loss(logits: Tensor, targets: Tensor) -> Tensor:

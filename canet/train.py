@@ -17,6 +17,9 @@ A CANet step (per batch of training windows ``seqs, targets [B, L]``)::
          + w.guide * guide_loss(router_logits, smallest_hits(...), space, w)
          + w.uniform * uniform_loss(router_logits)
          + w.balance * balance_loss(router_logits)           # 0 by default (not the paper's)
+         + flops_weight * flops_loss(router_logits, fractions, flops_target)[0]
+           # only with flops_target (not the paper's): (E_b[sum_c p_bc f_c] - flops_target)^2,
+           # f_c = config c's FLOPs over the largest's (canet.budget.flops_fractions)
 
 With ``fixed_config`` the step is plain CE through ``logits_sliced(seqs, config)``.
 """
@@ -51,6 +54,8 @@ from .errors import CanetError, CheckpointError
 from .evaluate import evaluate, format_histogram
 from .losses import (
     balance_loss,
+    flops_fraction_table,
+    flops_loss,
     guide_loss,
     linear_cross_entropy,
     next_item_loss,
@@ -164,6 +169,15 @@ def step_loss(
             balance = balance_loss(router_logits)
             loss = loss + weights.balance * balance
             parts["balance"] = balance.detach()
+        if config.flops_target is not None:
+            fractions = flops_fraction_table(
+                model.space, model.max_len, model.num_items, torch.float32, seqs.device
+            )
+            penalty, expected = flops_loss(router_logits, fractions, config.flops_target)
+            loss = loss + config.flops_weight * penalty
+            # "expected_flops" is logged, not optimised: the epoch's "loss" stays the sum above.
+            parts["flops"] = penalty.detach()
+            parts["expected_flops"] = expected.detach()
     return loss, parts, choice.detach().argmax(dim=-1)
 
 
@@ -395,6 +409,7 @@ class _Run:
                 "interactions)"
             )
         means = sums.means(steps)  # reads the epoch's sums back (waits for the device)
+        histogram = sums.histogram() if self.fixed_id is None else None
         seconds = time.perf_counter() - started
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
@@ -409,8 +424,20 @@ class _Run:
             "targets": targets_seen,
             "steps_per_second": steps / seconds if seconds > 0 else math.nan,
             "targets_per_second": targets_seen / seconds if seconds > 0 else math.nan,
-            "sampled_histogram": sums.histogram() if self.fixed_id is None else None,
+            "sampled_histogram": histogram,
+            "sampled_flops_fraction": self._sampled_fraction(histogram),
         }
+
+    def _sampled_fraction(self, histogram: list[int] | None) -> float | None:
+        """Mean FLOPs fraction of the configs the Gumbel samples picked (None: fixed config;
+        NaN: no step)."""
+        if histogram is None:
+            return None
+        total = sum(histogram)
+        if not total:
+            return math.nan
+        fractions = self.model.flops_fractions
+        return sum(n * f for n, f in zip(histogram, fractions, strict=True)) / total
 
     def validate(self) -> dict[str, Any]:
         return evaluate(
@@ -606,6 +633,11 @@ def _epoch_line(
             f"uniform {record['uniform']:.3f}"
             + (f", balance {record['balance']:.3f}" if "balance" in record else "")
             + f")  tau {record['tau']:.3f}"
+        )
+    if "flops" in record:
+        line += (
+            f"  flops {record['flops']:.4f} (expected {record['expected_flops']:.3f}, "
+            f"target {config.flops_target:.2f})"
         )
     line += f"  lr {record['lr']:.2e}  skipped {record['skipped_steps']}"
     line += (

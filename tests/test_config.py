@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from canet.config import (
+    ARCHITECTURE_KEYS,
     TrainConfig,
     config_from_dict,
     dump_config,
@@ -91,11 +92,33 @@ def test_unknown_key_is_rejected_with_the_valid_keys(tmp_path) -> None:
         ({"device": "nonsense"}, "device must be 'cpu', 'cuda' or 'cuda:N', got 'nonsense'"),
         ({"device": "meta"}, "device 'meta' holds tensor shapes only"),
         ({"device": "mps"}, "canet runs on CPUs and CUDA GPUs"),
+        # The FLOPs target (issue 16): a fraction of the largest config's FLOPs, routed runs only.
+        ({"flops_target": 0}, r"flops_target must be a number in \(0, 1\] .*got 0"),
+        ({"flops_target": 1.5}, r"flops_target must be a number in \(0, 1\] .*got 1.5"),
+        ({"flops_target": float("nan")}, r"flops_target must be a number in \(0, 1\] .*got nan"),
+        ({"flops_target": -1}, r"flops_target must be a number in \(0, 1\] .*got -1"),
+        ({"flops_target": "a lot"}, "'flops_target' expects number or null, got 'a lot'"),
+        ({"flops_weight": float("nan")}, "flops_weight must be a finite number >= 0, got nan"),
+        ({"flops_weight": -1}, "flops_weight must be a finite number >= 0, got -1"),
+        ({"flops_target": 0.3, "fixed_config": "largest"},
+         "flops_target trains the router, and fixed_config 'largest' has none"),
     ],
 )
 def test_wrong_values_are_rejected(overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_dict(overrides)
+
+
+def test_flops_target_is_off_by_default_and_set_by_either_spelling() -> None:
+    assert TrainConfig().flops_target is None and TrainConfig().flops_weight == 10.0
+    for args in (["--flops_target", "0.3"], ["--flops-target", "0.3"], ["--flops-target=0.3"]):
+        assert load_config(None, args).flops_target == 0.3
+    config = load_config(None, ["--flops-target", "1", "--flops_weight", "0"])
+    assert (config.flops_target, config.flops_weight) == (1.0, 0.0)
+    assert isinstance(config.flops_target, float)
+    assert load_config(None, ["--flops-target", "null"]).flops_target is None
+    # Not architecture keys: a resumed run may change them.
+    assert not {"flops_target", "flops_weight"} & set(ARCHITECTURE_KEYS)
 
 
 def test_int_accepted_for_float_and_config_id_by_number() -> None:

@@ -13,7 +13,7 @@ from canet.checkpoint import load_checkpoint, load_training_state
 from canet.config import config_from_dict
 from canet.data import build_dataset, synthetic_log
 from canet.errors import CheckpointError, ConfigError
-from canet.losses import smallest_hits
+from canet.losses import flops_loss, smallest_hits
 from canet.train import TrainingDivergedError, build_model, step_loss, train
 
 TINY = {"max_len": 8, "depths": [1, 2], "hidden": [8, 16], "emb": [8, 16], "heads": 2,
@@ -58,6 +58,89 @@ def test_step_loss_has_every_part_and_gives_router_gradients(data) -> None:
                                               rel=1e-6)
 
 
+def test_flops_target_adds_its_weighted_penalty_to_the_same_step(data) -> None:
+    config = config_from_dict(TINY)
+    targeted = config_from_dict({**TINY, "flops_target": 0.3, "flops_weight": 3.0})
+    torch.manual_seed(0)
+    model = build_model(config, data.num_items).eval()  # no dropout: both see one forward
+    seqs, targets = next(data.train_batches(9, torch.Generator().manual_seed(2)))
+    plain, parts, chosen = step_loss(model, seqs, targets, config, 1.0,
+                                     torch.Generator().manual_seed(1))
+    loss, parts_t, chosen_t = step_loss(model, seqs, targets, targeted, 1.0,
+                                        torch.Generator().manual_seed(1))
+    assert set(parts_t) == set(parts) | {"flops", "expected_flops"}
+    assert torch.equal(chosen, chosen_t)  # same noise, same samples
+    for name in parts:
+        assert torch.equal(parts[name], parts_t[name]), name
+    # The penalty and expected fraction of the router's own logits, in float64 from the costs
+    # a serve-time budget counts.
+    with torch.no_grad():
+        probs = torch.softmax(model.router.logits_unchecked(seqs).double(), dim=-1)
+    expected = float((probs @ torch.tensor(model.flops_fractions, dtype=torch.float64)).mean())
+    assert float(parts_t["expected_flops"]) == pytest.approx(expected, rel=1e-6)
+    assert float(parts_t["flops"]) == pytest.approx((expected - 0.3) ** 2, rel=1e-5)
+    assert loss.item() == pytest.approx(plain.item() + 3.0 * (expected - 0.3) ** 2, rel=1e-6)
+    # The term trains the router only.
+    model.zero_grad()
+    flops_loss(model.router.logits_unchecked(seqs), torch.tensor(model.flops_fractions),
+               0.3)[0].backward()
+    assert model.router.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.supernet.parameters())
+
+
+def _mean_fraction(histogram: list[int], fractions: tuple[float, ...]) -> float:
+    counts = torch.tensor(histogram, dtype=torch.float64)
+    return float(counts @ torch.tensor(fractions, dtype=torch.float64) / counts.sum())
+
+
+def test_flops_target_run_logs_the_term_and_the_achieved_fractions(tmp_path, data) -> None:
+    lines: list[str] = []
+    config = config_from_dict({**TINY, "flops_target": 0.3})
+    result = train(config, data, tmp_path / "t", log=lines.append)
+    fractions = load_checkpoint(tmp_path / "t" / "last").model.flops_fractions
+    for record in result.history:
+        assert 0 < record["expected_flops"] <= 1 and record["flops"] >= 0
+        assert record["sampled_flops_fraction"] == pytest.approx(
+            _mean_fraction(record["sampled_histogram"], fractions), rel=1e-12)
+        # The logged loss is the optimised one: the expected fraction is not a term of it.
+        assert record["loss"] == pytest.approx(
+            record["next_item"] + 0.01 * record["guide"] + 0.01 * record["uniform"]
+            + config.flops_weight * record["flops"], rel=1e-6)
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2
+    for line, record in zip(epoch_lines, result.history, strict=True):
+        assert (f"flops {record['flops']:.4f} (expected {record['expected_flops']:.3f}, "
+                "target 0.30)") in line
+        assert "% of largest" in line
+    state = load_training_state(tmp_path / "t" / "last")[0]
+    assert state["history"][-1]["expected_flops"] == result.history[-1]["expected_flops"]
+
+
+def test_without_a_flops_target_the_objective_is_the_papers(tmp_path, data, monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("flops_loss called without flops_target")
+
+    monkeypatch.setattr(train_module, "flops_loss", refuse)
+    lines: list[str] = []
+    default = train(config_from_dict(TINY), data, tmp_path / "d", log=lines.append).history
+    monkeypatch.undo()
+    fractions = load_checkpoint(tmp_path / "d" / "last").model.flops_fractions
+    for record in default:
+        assert not {"flops", "expected_flops"} & set(record)
+        assert record["loss"] == pytest.approx(
+            record["next_item"] + 0.01 * record["guide"] + 0.01 * record["uniform"], rel=1e-6)
+        assert record["sampled_flops_fraction"] == pytest.approx(
+            _mean_fraction(record["sampled_histogram"], fractions), rel=1e-12)
+    assert not any("expected" in line for line in lines)
+    # The term at weight 0 changes nothing: same losses, samples and validation, bit for bit.
+    zero = config_from_dict({**TINY, "flops_target": 0.5, "flops_weight": 0.0})
+    weighted0 = train(zero, data, tmp_path / "z", log=_quiet).history
+    same = ("loss", "next_item", "guide", "uniform", "grad_norm", "sampled_histogram",
+            "sampled_flops_fraction", "valid", "valid_histogram", "valid_flops_fraction")
+    for a, b in zip(default, weighted0, strict=True):
+        assert {k: a[k] for k in same} == {k: b[k] for k in same}
+
+
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, data) -> None:
     config = config_from_dict(TINY)
     full = train(config, data, tmp_path / "full", log=_quiet)
@@ -90,6 +173,7 @@ def test_fixed_config_run_trains_one_subnetwork(tmp_path, data) -> None:
     result = train(config, data, tmp_path, log=_quiet)
     record = result.history[-1]
     assert "guide" not in record and record["sampled_histogram"] is None
+    assert record["sampled_flops_fraction"] is None
     histogram = record["valid_histogram"]
     assert histogram[-1] == sum(histogram) > 0
     assert record["valid_flops_fraction"] == 1.0
