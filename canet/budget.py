@@ -32,12 +32,14 @@ from .flops import flops
 from .space import RoutingSpace
 
 __all__ = [
+    "DEFAULT_BUDGETS",
     "BudgetError",
     "BudgetPoint",
     "BudgetTable",
     "RoutingPenalty",
     "calibrate_lambda",
     "check_budget",
+    "check_routed",
     "flops_fractions",
     "mean_fraction",
     "route_with_penalty",
@@ -48,6 +50,9 @@ __all__ = [
 # float32 resolution of the penalty vector.
 BISECTION_STEPS = 60
 TABLE_VERSION = 1
+# The budgets calibrated at the end of training and by `canet calibrate` without --budgets
+# (those below a model's smallest achievable budget are left out; 1.0 is the router's own).
+DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 class BudgetError(CanetError, ValueError):
@@ -76,6 +81,16 @@ def check_budget(value: object, name: str = "budget") -> float:
     if not (math.isfinite(number) and 0.0 < number <= 1.0):
         raise BudgetError(f"{expected}, got {str(value)[:40]}")
     return number
+
+
+def check_routed(fixed_config_id: int | None, what: str = "a budget") -> None:
+    """BudgetError when ``what`` (a budget, a cap, a calibration) is asked of a fixed-config
+    run: every user runs config ``fixed_config_id``, there is no routing to bias."""
+    if fixed_config_id is not None:
+        raise BudgetError(
+            f"{what} does not apply to a fixed-config run (every user runs config "
+            f"{fixed_config_id}, there is no routing to bias)"
+        )
 
 
 @dataclass(frozen=True)

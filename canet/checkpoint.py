@@ -9,6 +9,9 @@ Layout of one checkpoint directory (``RUN_DIR/best/``, ``RUN_DIR/last/``)::
     trainer_state.json    epoch, best score, counters, python/numpy RNG state, file digests,
                           ``data``: the identity of the training split (see :func:`data_identity`)
     optimizer.pt          optimizer, scheduler, torch RNG states (torch.load(weights_only=True))
+    calibration.json      optional: the serve-time budget table (canet.budget.BudgetTable.to_json),
+                          written at the end of training and by ``canet calibrate``
+                          (:func:`write_calibration`); listed in the digests like the others
 
 Saving writes a temporary sibling directory, fsyncs every file and the directory, then swaps it
 in with renames: ``target -> .target.old-*``, ``tmp -> target``, then deletes the old one. A
@@ -49,10 +52,12 @@ from ._io import fsync_dir as _fsync_dir
 from ._io import fsync_file as _fsync_file
 from ._io import process_umask, set_created_mode, write_text_atomic
 from ._version import __version__
+from .budget import BudgetError, BudgetTable, flops_fractions
 from .config import TrainConfig, config_from_dict, dump_config
 from .data import SequenceData, Vocab
 from .errors import CanetError, CheckpointError
 from .model import CANet
+from .space import RoutingSpace
 
 __all__ = [
     "write_text_atomic",
@@ -61,14 +66,17 @@ __all__ = [
     "VOCAB_FILE",
     "STATE_FILE",
     "OPTIMIZER_FILE",
+    "CALIBRATION_FILE",
     "Checkpoint",
     "save_checkpoint",
+    "write_calibration",
     "load_checkpoint",
     "load_model_weights",
     "load_training_state",
     "resolve_checkpoint_dir",
     "cleanup_leftovers",
     "lock_run_dir",
+    "lock_checkpoint",
     "LOCK_FILE",
     "capture_rng_state",
     "data_identity",
@@ -81,6 +89,7 @@ CONFIG_FILE = "config.yaml"
 VOCAB_FILE = "vocab.json"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+CALIBRATION_FILE = "calibration.json"  # optional
 REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, STATE_FILE, OPTIMIZER_FILE)
 LOCK_FILE = ".lock"
 _TMP_MARK = ".tmp-"
@@ -89,13 +98,15 @@ _OLD_MARK = ".old-"
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint directory (weights already inside ``model``)."""
+    """A loaded checkpoint directory (weights already inside ``model``; ``calibration``, the
+    budget table of calibration.json or None, also in ``model.budget_table``)."""
 
     path: Path
     model: CANet
     config: TrainConfig
     vocab: Vocab
     trainer_state: dict[str, Any]
+    calibration: BudgetTable | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,12 +146,15 @@ def save_checkpoint(
     vocab: Vocab,
     trainer_state: dict[str, Any],
     optimizer_state: dict[str, Any],
+    calibration: BudgetTable | None = None,
 ) -> Path:
     """Write a complete checkpoint to ``target`` atomically (see the module docstring).
 
     ``trainer_state`` must be JSON-serialisable; ``optimizer_state`` is a dict of tensors and
-    plain containers (optimizer/scheduler state dicts, torch RNG states). Refuses (CheckpointError)
-    a model with NaN/inf weights, so a diverged run never replaces a good checkpoint.
+    plain containers (optimizer/scheduler state dicts, torch RNG states); ``calibration``, when
+    given, is written as calibration.json (it must be this model's: see
+    :func:`write_calibration`). Refuses (CheckpointError) a model with NaN/inf weights, so a
+    diverged run never replaces a good checkpoint.
     """
     target = Path(target)
     parent = target.parent
@@ -151,6 +165,8 @@ def save_checkpoint(
         raise CheckpointError(
             f"{target}: refusing to save a model with NaN/inf weights in {bad[:5]}"
         )
+    if calibration is not None:
+        _check_table_fits(calibration, model.arch, target / CALIBRATION_FILE)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_MARK}", dir=parent))
     try:
         metadata = {
@@ -162,31 +178,121 @@ def save_checkpoint(
         _write_text(tmp / CONFIG_FILE, dump_config(config))
         _write_text(tmp / VOCAB_FILE, vocab.to_json())
         torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        digests = {
-            name: _file_digest(tmp / name)
-            for name in (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, OPTIMIZER_FILE)
-        }
+        files = [MODEL_FILE, CONFIG_FILE, VOCAB_FILE, OPTIMIZER_FILE]
+        if calibration is not None:
+            _write_text(tmp / CALIBRATION_FILE, calibration.to_json())
+            files.append(CALIBRATION_FILE)
+        digests = {name: _file_digest(tmp / name) for name in files}
         full_state = {
             **trainer_state,
             "canet_version": __version__,
             "arch": model.arch,
             "files_sha256": digests,
         }
-        # Written last: a directory with a valid trainer_state.json had every other file done.
-        _write_text(tmp / STATE_FILE, json.dumps(full_state, indent=1, sort_keys=True))
-        # mkdtemp makes the directory 0700 and libraries pick their own file modes: give
-        # everything the umask's usual modes, or other accounts could not load the run.
-        umask = process_umask()
-        set_created_mode(tmp, directory=True, umask=umask)
-        for name in REQUIRED_FILES:
-            set_created_mode(tmp / name, umask=umask)
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
-        _swap_in(tmp, target)
+        _finish_and_swap(tmp, target, full_state)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _finish_and_swap(tmp: Path, target: Path, state: dict[str, Any]) -> None:
+    """Write trainer_state.json into the temporary checkpoint ``tmp`` (whose other files are
+    complete), give every file the umask's modes, fsync everything, and swap it in."""
+    # Written last: a directory with a valid trainer_state.json had every other file done.
+    _write_text(tmp / STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
+    # mkdtemp makes the directory 0700 and libraries pick their own file modes: give
+    # everything the umask's usual modes, or other accounts could not load the run.
+    umask = process_umask()
+    set_created_mode(tmp, directory=True, umask=umask)
+    for path in sorted(tmp.iterdir()):
+        set_created_mode(path, umask=umask)
+        _fsync_file(path)
+    _fsync_dir(tmp)
+    _swap_in(tmp, target)
+
+
+def write_calibration(
+    checkpoint_dir: str | os.PathLike[str],
+    table: BudgetTable,
+    *,
+    model_sha256: str | None = None,
+) -> Path:
+    """Add (or replace) calibration.json in a checkpoint directory (a run directory: its
+    ``best/``, as :func:`load_checkpoint` resolves it), atomically.
+
+    A complete sibling copy of the checkpoint (its other files copied, the new
+    calibration.json, trainer_state.json with the new digest) is written, fsynced and swapped
+    in like a save, so a reader sees the old or the new checkpoint, never a mix. The run
+    directory's writer lock (:func:`lock_run_dir`) is held meanwhile when ``checkpoint_dir``
+    is a run's ``best/`` or ``last/``: refused (CheckpointError) while a `canet train` writes
+    there (re-entrant: training itself calibrates under its own lock).
+
+    Refused too: a table that is not this model's (its smallest achievable budget differs from
+    the model's), a checkpoint whose files do not match their digests (it must not be blessed
+    with a new state), and, with ``model_sha256`` (the digest of the model file the table was
+    calibrated on), a checkpoint whose model changed since (a training run saved it meanwhile).
+    Returns the checkpoint directory written.
+    """
+    directory = resolve_checkpoint_dir(checkpoint_dir)
+    if directory.name.startswith("."):
+        raise CheckpointError(
+            f"{directory}: the leftover of an interrupted save, not a checkpoint to write into "
+            "(the next `canet train` in the run directory restores it)"
+        )
+    with lock_checkpoint(directory):
+        state = _read_state_json(directory)
+        recorded = state.get("files_sha256")
+        if not isinstance(recorded, dict):
+            raise CheckpointError(
+                f"{directory / STATE_FILE}: no file digests; cannot add a calibration table"
+            )
+        if model_sha256 is not None and recorded.get(MODEL_FILE) != model_sha256:
+            raise CheckpointError(
+                f"{directory}: its model changed since it was calibrated (a training run saved "
+                "it meanwhile); calibrate again"
+            )
+        _check_table_fits(table, state["arch"], directory / CALIBRATION_FILE)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}{_TMP_MARK}",
+                                    dir=directory.parent))
+        try:
+            for name in (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, OPTIMIZER_FILE):
+                shutil.copyfile(_require(directory, name), tmp / name)
+                _check_digest(tmp, name, state)  # the copy: a corrupted file stays refused
+            _write_text(tmp / CALIBRATION_FILE, table.to_json())
+            digests = {**recorded, CALIBRATION_FILE: _file_digest(tmp / CALIBRATION_FILE)}
+            _finish_and_swap(tmp, directory, {**state, "files_sha256": digests})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return directory
+
+
+def lock_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> contextlib.AbstractContextManager:
+    """The writer lock that guards ``checkpoint_dir``: its run directory's
+    (:func:`lock_run_dir`) when it is a run's ``best/`` or ``last/``, else none (nothing trains
+    into a checkpoint directory of its own)."""
+    directory = Path(checkpoint_dir)
+    if directory.name in ("best", "last"):
+        return lock_run_dir(directory.parent)
+    return contextlib.nullcontext(directory)
+
+
+def _check_table_fits(table: BudgetTable, arch: dict[str, Any], path: Path) -> None:
+    """CheckpointError unless ``table`` was calibrated for a model of ``arch``: its smallest
+    achievable budget is that model's cheapest config's FLOPs fraction (to 1e-12)."""
+    try:
+        space = RoutingSpace.from_dict(arch["space"])
+        fractions = flops_fractions(space, int(arch["max_len"]), int(arch["num_items"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: the checkpoint's architecture is invalid ({error})"
+        ) from None
+    if abs(table.smallest_fraction - min(fractions)) > 1e-12:
+        raise CheckpointError(
+            f"{path}: the calibration table belongs to another model (its smallest achievable "
+            f"budget is {table.smallest_fraction:.6f}, this model's {min(fractions):.6f})"
+        )
 
 
 def _swap_in(new: Path, target: Path) -> None:
@@ -553,8 +659,23 @@ def _load_checkpoint_once(path: str | os.PathLike[str], model: CANet | None) -> 
     # Every file is read into memory right after the state, before the slow work (building the
     # model, digests): a save's swap can then only mix checkpoints within these few reads, and
     # then the digests catch it (load_checkpoint retries).
-    raw = {name: _require(directory, name).read_bytes()
-           for name in (CONFIG_FILE, VOCAB_FILE, MODEL_FILE)}
+    digests = state.get("files_sha256") or {}
+    listed = CALIBRATION_FILE in digests
+    present = (directory / CALIBRATION_FILE).exists()
+    if present and not listed:
+        raise CheckpointError(
+            f"{directory / CALIBRATION_FILE}: not listed in {STATE_FILE}'s digests (not written "
+            "with this checkpoint); remove it, or run `canet calibrate` to write a valid one"
+        )
+    names = [CONFIG_FILE, VOCAB_FILE, MODEL_FILE] + ([CALIBRATION_FILE] if listed else [])
+    raw = {}
+    for name in names:
+        if name == CALIBRATION_FILE and not (directory / name).is_file():
+            raise CheckpointError(
+                f"{directory / name}: missing, but listed in {STATE_FILE}; the checkpoint is "
+                "incomplete (run `canet calibrate` to write the table again)"
+            )
+        raw[name] = _require(directory, name).read_bytes()
     for name in (CONFIG_FILE, VOCAB_FILE):
         _check_digest(directory, name, state, raw[name])
     config_path = directory / CONFIG_FILE
@@ -581,6 +702,9 @@ def _load_checkpoint_once(path: str | os.PathLike[str], model: CANet | None) -> 
         "router_heads": config.router_heads,
         "residual_scaling": config.residual_scaling,
     }
+    calibration = None
+    if listed:
+        calibration = _read_calibration(directory, state, raw[CALIBRATION_FILE], expected_arch)
     into_callers_model = model is not None
     if into_callers_model:
         # Every check runs before the caller's model is touched: a refused checkpoint leaves
@@ -604,7 +728,25 @@ def _load_checkpoint_once(path: str | os.PathLike[str], model: CANet | None) -> 
         raise CheckpointError(
             f"{vocab_path}: {vocab.num_items} items, but the model has {model.num_items}"
         )
-    return Checkpoint(directory, model, config, vocab, state)
+    model.budget_table = calibration
+    return Checkpoint(directory, model, config, vocab, state, calibration)
+
+
+def _read_calibration(
+    directory: Path, state: dict[str, Any], data: bytes, arch: dict[str, Any]
+) -> BudgetTable:
+    """The budget table of calibration.json's bytes ``data``: digest-checked, parsed,
+    validated, and checked to be that of a model of ``arch``."""
+    _check_digest(directory, CALIBRATION_FILE, state, data)
+    path = directory / CALIBRATION_FILE
+    try:
+        table = BudgetTable.from_json(data.decode("utf-8"), source=str(path))
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{path}: not UTF-8 text ({error.reason})") from None
+    except BudgetError as error:
+        raise CheckpointError(str(error)) from None
+    _check_table_fits(table, arch, path)
+    return table
 
 
 def load_training_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict]:

@@ -19,7 +19,7 @@ from .flops import batch_flops, flops, flops_router
 from .model import CANet
 from .space import Config
 
-__all__ = ["Engine", "PlanSummary", "GroupSpan", "resolve_device"]
+__all__ = ["Engine", "PlanSummary", "GroupSpan", "resolve_device", "routing_penalty"]
 
 # Recommend scores at most this many (user, item) pairs at once, whatever the batch size.
 DEFAULT_MAX_SCORE_ELEMENTS = 1 << 24
@@ -178,9 +178,8 @@ class Engine:
             state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
         self.arch = dict(model.arch)
         self.space = model.space
-        self.penalty = _routing_penalty(
-            model, budget, max_flops, penalty,
-            model.budget_table if budget_table is None else budget_table,
+        self.penalty = routing_penalty(
+            model, budget, max_flops, penalty=penalty, table=budget_table
         )
         self.budget = budget
         self._penalty_vector = (
@@ -408,14 +407,20 @@ class Engine:
         )
 
 
-def _routing_penalty(
+def routing_penalty(
     model: CANet,
-    budget: float | None,
-    max_flops: float | None,
-    penalty: RoutingPenalty | None,
-    table: BudgetTable | None,
+    budget: float | None = None,
+    max_flops: float | None = None,
+    *,
+    penalty: RoutingPenalty | None = None,
+    table: BudgetTable | None = None,
 ) -> RoutingPenalty | None:
-    """The engine's routing penalty (None: the router's own argmax), checked at the boundary."""
+    """The routing penalty of a serve-time ``budget`` and cap ``max_flops`` (or an explicit
+    ``penalty``) for ``model``, as the Engine routes with it: None for the router's own argmax.
+    ``budget`` is looked up in ``table`` (default ``model.budget_table``); BudgetError for a
+    bad value, a budget below 1.0 without a table ("run `canet calibrate`"), a budget below
+    the smallest achievable, or a cap below every config."""
+    table = model.budget_table if table is None else table
     if penalty is not None:
         if budget is not None or max_flops is not None:
             raise BudgetError("pass either penalty or budget/max_flops to the Engine, not both")

@@ -27,7 +27,17 @@ from .metrics import MetricAccumulator, target_ranks
 from .metrics import exclude_history as exclude_input
 from .model import CANet
 
-__all__ = ["evaluate", "format_histogram"]
+__all__ = ["check_model_data", "evaluate", "format_histogram"]
+
+
+def check_model_data(model: CANet, data: SequenceData) -> None:
+    """CanetError unless ``data`` has the model's items and window length."""
+    if model.num_items != data.num_items or model.max_len != data.max_len:
+        raise CanetError(
+            f"model expects {model.num_items} items and max_len {model.max_len}, but the data has "
+            f"{data.num_items} items and max_len {data.max_len}; evaluate on the data it was "
+            "trained on (same file and filters)"
+        )
 
 
 def evaluate(
@@ -61,12 +71,7 @@ def evaluate(
     ``[U]`` of internal user ids, internal target item ids and 0-based target ranks, in
     ascending user order (for paired comparisons: :func:`canet.metrics.paired_difference`).
     """
-    if model.num_items != data.num_items or model.max_len != data.max_len:
-        raise CanetError(
-            f"model expects {model.num_items} items and max_len {model.max_len}, but the data has "
-            f"{data.num_items} items and max_len {data.max_len}; evaluate on the data it was "
-            "trained on (same file and filters)"
-        )
+    check_model_data(model, data)
     space = model.space
     if fixed_config_id is not None and not 0 <= fixed_config_id < space.n_configs:
         raise CanetError(

@@ -4,6 +4,8 @@
     rec.recommend({"alice": ["50", "172", "133"]}, k=10)
     # {"alice": [("181", 3.2), ("174", 3.1), ...]}
 
+    rec = canet.Recommender.from_pretrained("runs/ml100k", budget=0.3)  # a compute budget
+
 Histories are raw item tokens, so users never seen in training work. Unknown tokens are
 reported (``last_unknown`` and a warning), never silently dropped; histories longer than
 ``max_len`` keep their most recent items. ``canet recommend RUN_DIR --input FILE -k 10 --output
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .budget import check_budget, check_routed, mean_fraction
 from .data import Vocab, read_interactions
 from .engine import Engine, resolve_device
 from .errors import DataFormatError
@@ -43,6 +46,11 @@ class Recommender:
             ``canet evaluate``: the PyTorch computation, i.e. the Engine's "torch" backend).
         fixed_config_id: route every user to this config (a fixed-config run); None = router.
         batch_size: users scored at once.
+        budget: serve-time compute budget in (0, 1] (``canet.Engine``'s: the mean FLOPs per
+            user as a fraction of the largest sub-network's, through ``model.budget_table``,
+            which a checkpoint's calibration.json fills; ``canet calibrate`` writes one).
+        max_flops: hard per-user cap in (0, 1] (as in ``canet.Engine``).
+        Neither applies to a fixed-config run (BudgetError).
     """
 
     def __init__(
@@ -52,16 +60,21 @@ class Recommender:
         backend: str = "auto",
         fixed_config_id: int | None = None,
         batch_size: int = 512,
+        budget: float | None = None,
+        max_flops: float | None = None,
     ) -> None:
         if vocab.num_items != model.num_items:
             raise ValueError(
                 f"vocab has {vocab.num_items} items but the model {model.num_items}"
             )
+        if budget is not None or max_flops is not None:
+            check_routed(fixed_config_id, "a budget or max_flops")
         self.model = model  # its mode is the caller's: the engine runs its own eval copy
         self.vocab = vocab
         # "model" means PyTorch's model.score in `canet evaluate`; the Engine's torch backend
         # is that computation (equal scores, tested), so both commands accept the same names.
-        self.engine = Engine(model, backend="torch" if backend == "model" else backend)
+        self.engine = Engine(model, backend="torch" if backend == "model" else backend,
+                             budget=budget, max_flops=max_flops)
         self.fixed_config_id = fixed_config_id
         self.batch_size = batch_size
         self.max_len = model.max_len
@@ -70,21 +83,41 @@ class Recommender:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike[str], backend: str = "auto", device: str = "cpu"
+        cls,
+        path: str | os.PathLike[str],
+        backend: str = "auto",
+        device: str = "cpu",
+        budget: float | None = None,
+        max_flops: float | None = None,
     ) -> Recommender:
-        """Load a run directory (its ``best/``) or a checkpoint directory."""
+        """Load a run directory (its ``best/``) or a checkpoint directory, with its
+        calibration table when it has one (``budget`` needs it for budgets below 1)."""
         from .checkpoint import load_checkpoint
 
         # Checked before loading: an unavailable CUDA device was an AssertionError from torch.
         device = resolve_device(device)
+        if budget is not None:
+            check_budget(budget)
+        if max_flops is not None:
+            check_budget(max_flops, "max_flops")
         loaded = load_checkpoint(path)
         model = loaded.model.to(device).eval()
         fixed = loaded.config.fixed_config_id(model.space)
-        return cls(model, loaded.vocab, backend=backend, fixed_config_id=fixed)
+        return cls(model, loaded.vocab, backend=backend, fixed_config_id=fixed, budget=budget,
+                   max_flops=max_flops)
 
     @property
     def backend(self) -> str:
         return self.engine.backend
+
+    @property
+    def last_flops_fraction(self) -> float | None:
+        """Mean FLOPs per user of the last :meth:`recommend` call, as a fraction of the largest
+        sub-network's (router excluded); None when it routed no user."""
+        if not self.last_config_ids:
+            return None
+        ids = torch.tensor(list(self.last_config_ids.values()), dtype=torch.int64)
+        return mean_fraction(ids, self.model.flops_fractions)
 
     def recommend(
         self,

@@ -3,7 +3,9 @@
 :func:`train` writes into its run directory::
 
     RUN_DIR/config.yaml     the resolved config
-    RUN_DIR/best/           checkpoint with the best validation NDCG@10
+    RUN_DIR/best/           checkpoint with the best validation NDCG@10 (a routed run: with
+                            calibration.json, the serve-time budgets of ``calibration_budgets``
+                            calibrated on the validation users when training ends)
     RUN_DIR/last/           checkpoint after the last finished epoch (for resume)
 
 (``canet train``, in :mod:`canet.cli.train`, adds ``RUN_DIR/metrics.json``: the test metrics
@@ -43,6 +45,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .budget import BudgetTable
+from .calibrate import calibrate, format_point, resolve_budgets
 from .checks import check_sequences
 from .config import (
     ARCHITECTURE_KEYS,
@@ -91,6 +95,7 @@ class TrainResult:
     stopped_early: bool
     skipped_steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    calibration: BudgetTable | None = None  # written into best/ (None: not calibrated)
 
     @property
     def train_seconds(self) -> float:
@@ -581,6 +586,9 @@ def _train(
         mode = "CANet (routed)"
     else:
         mode = f"fixed config {run.fixed_id} {space.configs[run.fixed_id]}"
+    if run.fixed_id is None and config.calibration_budgets:
+        # Budgets below this model's cheapest config fail now, not after the training.
+        resolve_budgets(config.calibration_budgets, min(run.model.flops_fractions))
     params = sum(p.numel() for p in run.model.parameters())
     log(
         f"training {mode}: {data.num_users} users, {data.num_items} items, "
@@ -617,10 +625,33 @@ def _train(
             log("  routing (valid users): " + format_histogram(validation["routing"]["histogram"]))
     if run.stopped_early:
         log(f"early stop: no gain in {config.patience} validations; best epoch {run.best_epoch}")
+    table = None
+    if run.fixed_id is None and config.calibration_budgets and (run_dir / "best").is_dir():
+        table = _calibrate_best(run_dir / "best", config, data, run.device, log)
     return TrainResult(
         run_dir, run.best_score, run.best_epoch, run.epoch, run.stopped_early,
-        run.skipped_steps, run.history,
+        run.skipped_steps, run.history, table,
     )
+
+
+def _calibrate_best(
+    best: Path, config: TrainConfig, data: SequenceData, device: torch.device, log: Log
+) -> BudgetTable:
+    """Calibrate ``config.calibration_budgets`` on the validation users of the model in
+    ``best`` and write the table into it (under the run's lock, which this process holds)."""
+    loaded = ckpt.load_checkpoint(best)
+    table = calibrate(
+        loaded.model.to(device), data, config.calibration_budgets, "valid",
+        batch_size=config.eval_batch_size, exclude_history=config.exclude_history,
+    )
+    ckpt.write_calibration(
+        best, table, model_sha256=loaded.trainer_state["files_sha256"][ckpt.MODEL_FILE]
+    )
+    log(f"calibrated {len(table.points)} budgets on {table.num_users} validation users -> "
+        f"{best / ckpt.CALIBRATION_FILE}")
+    for point in table.points:
+        log("  " + format_point(point, table.split))
+    return table
 
 
 def _epoch_line(

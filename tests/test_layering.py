@@ -39,6 +39,7 @@ LAYERS = {
     "canet.checkpoint": ("training", 3),
     "canet.train": ("training", 3),
     "canet.evaluate": ("training", 3),
+    "canet.calibrate": ("training", 3),
     "canet.recommender": ("apps", 4),
     "canet.bench": ("apps", 4),
     "canet.info": ("apps", 4),

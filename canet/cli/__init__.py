@@ -5,8 +5,10 @@ Every argparse parser of canet lives in this package (and in the benchmark's own
 
     canet train --data LOG --out RUN_DIR [--config cfg.yaml] [--key value ...]
     canet evaluate RUN_DIR --data LOG [--split test|valid] [--backend model|auto|torch|cpu]
+                   [--budget B] [--max-flops F]
     canet compare RANKS_A.csv [...] --against RANKS_B.csv [...] [--metric ndcg@10]
-    canet recommend RUN_DIR --input FILE -k 10 --output recs.csv
+    canet calibrate RUN_DIR --data LOG [--budgets 0.1,0.2,...] [--split valid|test]
+    canet recommend RUN_DIR --input FILE -k 10 --output recs.csv [--budget B]
     canet demo [--data LOG] [--quick]
     canet bench ...            (canet.bench.main)
 
@@ -30,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("canet.cli.train", "train CANet (or one fixed sub-network) on an interaction log"),
     "evaluate": ("canet.cli.evaluate",
                  "full-ranking metrics, routing and FLOPs of a trained run"),
+    "calibrate": ("canet.cli.calibrate",
+                  "calibrate serve-time compute budgets of a trained run into its checkpoint"),
     "compare": ("canet.cli.compare",
                 "paired comparison of two models' per-user ranks (bootstrap interval)"),
     "recommend": ("canet.cli.recommend",

@@ -1,22 +1,25 @@
-"""``canet evaluate RUN_DIR --data LOG [--split test|valid] [--backend model|auto|...]``.
+"""``canet evaluate RUN_DIR --data LOG [--split test|valid] [--backend model|auto|...]
+[--budget B] [--max-flops F]``.
 
 Full-ranking metrics with standard errors, routing histogram and FLOPs of a trained run
 (:func:`canet.evaluate.evaluate`), written to RUN_DIR/metrics.json (or ``--output``); with
 ``--ranks-out`` also each user's target rank, for ``canet compare``. Data whose split differs
 from the run's training split (same users and items, other sequences) is refused unless
-``--allow-different-data``.
+``--allow-different-data``. ``--budget``/``--max-flops`` route under a serve-time compute
+budget (the run's calibration table, :mod:`canet.budget`) and a per-user cap.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from ..checkpoint import describe_data_change, load_checkpoint
-from ..data import load_dataset
+from ..budget import check_routed
+from ..checkpoint import load_checkpoint
+from ..engine import routing_penalty
 from ..errors import CanetError
 from ..evaluate import evaluate, format_histogram
+from .common import add_budget_arguments, budget_options, describe_budget, load_run_data
 from .output import write_metrics, write_ranks
 
 __all__ = ["add_arguments", "run"]
@@ -43,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="random-routing baseline: deal the router's choices to the users in a seeded "
         "random order (same histogram, same FLOPs)",
     )
+    add_budget_arguments(parser)
     parser.add_argument("--output", help="metrics file (default: RUN_DIR/metrics.json)")
     parser.add_argument(
         "--ranks-out", metavar="CSV",
@@ -56,34 +60,35 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise CanetError(f"evaluate: unknown arguments {extra}")
     if args.batch_size < 1:
         raise CanetError(f"--batch-size must be >= 1, got {args.batch_size}")
+    budget, max_flops = budget_options(args)
     loaded = load_checkpoint(args.run_dir)
     config = loaded.config
-    data = load_dataset(args.data, **config.dataset_options())
-    if data.vocab != loaded.vocab:
-        raise CanetError(
-            f"{args.data}: its users/items differ from the checkpoint's vocab.json "
-            f"({data.num_items} vs {loaded.vocab.num_items} items); evaluate on the training data"
-        )
-    changed = describe_data_change(loaded.trainer_state.get("data"), data)
-    if changed and not args.allow_different_data:
-        raise CanetError(
-            f"{args.data}: {changed}; evaluate on the training data, or pass "
-            "--allow-different-data"
-        )
-    if changed:
-        print(f"canet: warning: {args.data}: {changed}; these metrics are of another split",
-              file=sys.stderr)
+    fixed_config_id = config.fixed_config_id(loaded.model.space)
+    penalty = None
+    budgeted = budget is not None or max_flops is not None
+    if budgeted:
+        check_routed(fixed_config_id, "--budget/--max-flops")
+        # Before the data is read: a run without a calibration table is refused here.
+        penalty = routing_penalty(loaded.model, budget, max_flops)
+    data = load_run_data(args.data, loaded, "evaluate", args.allow_different_data)
     metrics = evaluate(
         loaded.model, data, args.split, ks=config.ks,
         exclude_history=config.exclude_history and not args.include_history,
         batch_size=args.batch_size, backend=args.backend,
-        fixed_config_id=config.fixed_config_id(loaded.model.space),
+        fixed_config_id=fixed_config_id,
         shuffle_routing_seed=args.shuffle_routing, per_user=args.ranks_out is not None,
+        penalty=penalty,
     )
+    if budgeted:
+        metrics["routing"]["budget"] = {"budget": budget, "max_flops": max_flops}
     metrics["checkpoint"] = str(loaded.path)
     per_user = metrics.pop("per_user", None)
     run_dir = Path(args.run_dir)
     name = "metrics" + ("" if args.split == "test" else f"_{args.split}")
+    if budget is not None:
+        name += f"_budget-{budget:g}"
+    if max_flops is not None:
+        name += f"_max-flops-{max_flops:g}"
     if args.shuffle_routing is not None:
         name += f"_shuffled-routing-{args.shuffle_routing}"
     name += ".json"
@@ -95,6 +100,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"users {metrics['num_users']}, items {metrics['num_items']}, backend "
           f"{metrics['backend']}, FLOPs {100 * metrics['flops']['fraction_of_largest']:.1f}% "
           f"of largest")
+    if budgeted:
+        asked = describe_budget(budget, max_flops)
+        lam = 0.0 if penalty is None else penalty.lam
+        print(f"{asked}: lambda {lam:.4g}, FLOPs achieved "
+              f"{100 * metrics['flops']['fraction_of_largest']:.1f}% of largest "
+              f"({args.split} users)")
     print(f"routing: {format_histogram(metrics['routing']['histogram'])}")
     print(f"-> {output}")
     if per_user is not None:

@@ -1,8 +1,9 @@
-"""``canet recommend RUN_DIR --input FILE -k 10 --output recs.csv``.
+"""``canet recommend RUN_DIR --input FILE -k 10 --output recs.csv [--budget B] [--max-flops F]``.
 
 Top-k items (external ids) for each history in FILE (an interaction log, or JSON: a list of
 histories or a dict user -> history) through :class:`canet.Recommender`; writes the CSV
-``user_id,item_id,score,rank`` atomically.
+``user_id,item_id,score,rank`` atomically. ``--budget``/``--max-flops``: routing under a
+serve-time compute budget (the run's calibration table) and a per-user cap.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import warnings
 from .._io import write_text_atomic
 from ..errors import CanetError
 from ..recommender import Recommender, read_histories
+from .common import add_budget_arguments, budget_options, describe_budget
 
 __all__ = ["add_arguments", "run"]
 
@@ -34,14 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow recommending items already in the history")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --output file (never the --input file)")
+    add_budget_arguments(parser)
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise CanetError(f"recommend: unknown arguments {extra}")
+    budget, max_flops = budget_options(args)
     _check_output(args.input, args.output, args.overwrite)
     histories = read_histories(args.input)
-    recommender = Recommender.from_pretrained(args.run_dir, backend=args.backend)
+    recommender = Recommender.from_pretrained(
+        args.run_dir, backend=args.backend, budget=budget, max_flops=max_flops
+    )
     if not 1 <= args.k <= recommender.vocab.num_items:
         raise CanetError(f"-k must be in [1, {recommender.vocab.num_items}], got {args.k}")
     with warnings.catch_warnings():
@@ -64,8 +70,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         for rank, (item, score) in enumerate(items, start=1):
             writer.writerow([user, item, f"{score:.6g}", rank])
     output = write_text_atomic(buffer.getvalue(), args.output)
+    routing = ""
+    fraction = recommender.last_flops_fraction
+    if (budget is not None or max_flops is not None) and fraction is not None:
+        asked = describe_budget(budget, max_flops)
+        routing = f", {asked}: FLOPs {100 * fraction:.1f}% of largest"
     print(f"{len(results) - len(skipped)} users x top-{args.k} -> {output} "
-          f"(backend {recommender.backend})")
+          f"(backend {recommender.backend}{routing})")
     return 0
 
 
