@@ -23,6 +23,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -127,11 +128,16 @@ def route_with_penalty(logits: Tensor, penalty: Tensor | None) -> Tensor:
 
 
 def mean_fraction(config_ids: Tensor, fractions: Sequence[float]) -> float:
-    """Mean FLOPs fraction of users routed to ``config_ids [U]`` (float64 sum)."""
+    """Mean FLOPs fraction of users routed to ``config_ids [U]``: the exact mean of their
+    costs, rounded once. Exact, because calibration compares it with budgets that are costs
+    themselves: users all on one config must cost exactly its fraction (a float64 sum of U
+    equal values divided by U need not be), else the smallest achievable budget looks out of
+    reach and the bisection's bracket runs to its 2^100 limit."""
     if config_ids.numel() == 0:
         raise BudgetError("no users to measure the FLOPs of")
-    costs = torch.tensor(list(fractions), dtype=torch.float64, device=config_ids.device)
-    return float(costs[config_ids].mean())
+    counts = torch.bincount(config_ids.flatten().cpu(), minlength=len(fractions)).tolist()
+    total = sum(n * Fraction(f) for n, f in zip(counts, fractions, strict=True) if n)
+    return float(total / config_ids.numel())
 
 
 def calibrate_lambda(
@@ -170,6 +176,11 @@ def calibrate_lambda(
         return 0.0, at_zero
     # The bracket's top does not depend on the budget (see smallest_penalty).
     high, low = smallest_penalty(logits, fractions, max_flops), 0.0
+    if cost(high) > budget:  # the bisection keeps cost(high) <= budget: it must hold at the top
+        raise BudgetError(
+            f"no routing penalty up to {high:g} routes every calibration user to the cheapest "
+            "config (are the router logits finite?)"
+        )
     for _ in range(BISECTION_STEPS):
         middle = 0.5 * (low + high)
         if cost(middle) <= budget:
