@@ -72,10 +72,12 @@ def check_budget(value: object, name: str = "budget") -> float:
         raise BudgetError(f"{expected}, got {value!r}")
     try:
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float's range
         raise BudgetError(f"{expected}, got {str(value)[:40]!r}") from None
     if not (math.isfinite(number) and 0.0 < number <= 1.0):
-        raise BudgetError(f"{expected}, got {str(value)[:40]}")
+        # A string is quoted: float() accepts surrounding whitespace, newlines included.
+        shown = repr(value[:40]) if isinstance(value, str) else str(value)[:40]
+        raise BudgetError(f"{expected}, got {shown}")
     return number
 
 
@@ -88,11 +90,20 @@ class RoutingPenalty:
     max_flops: float | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
+        lam = self.lam
+        number = isinstance(lam, (int, float)) and not isinstance(lam, bool)
+        try:
+            lam = float(lam) if number else math.nan
+        except OverflowError:  # an int past float's range
+            lam = math.inf
+        if not (math.isfinite(lam) and lam >= 0):
             raise BudgetError(f"routing penalty lambda must be a finite number >= 0, got "
-                              f"{self.lam!r}")
+                              f"{str(self.lam)[:40]!r}")
+        # Stored as floats: a cap given as a string ("0.5", a CLI value) would otherwise reach
+        # the tensor comparison in vector() and the messages' formatting.
+        object.__setattr__(self, "lam", lam)
         if self.max_flops is not None:
-            check_budget(self.max_flops, "max_flops")
+            object.__setattr__(self, "max_flops", check_budget(self.max_flops, "max_flops"))
 
     @property
     def is_identity(self) -> bool:
