@@ -252,6 +252,13 @@ class BudgetTable:
                               f"{budgets}")
         if any(a.lam < b.lam for a, b in zip(self.points, self.points[1:], strict=False)):
             raise BudgetError("a budget table's lambdas must not increase with the budget")
+        # penalty() interpolates from (smallest_fraction, lam_smallest) up to the first point.
+        if self.lam_smallest < self.points[0].lam:
+            raise BudgetError(
+                f"a budget table's lam_smallest ({self.lam_smallest:g}) must be at least the "
+                f"lambda of its smallest budget ({self.points[0].lam:g} at "
+                f"{self.points[0].budget:g})"
+            )
 
     @property
     def budgets(self) -> list[float]:
@@ -318,12 +325,18 @@ class BudgetTable:
                 )
                 RoutingPenalty(point.lam)  # lam >= 0
                 points.append(point)
+            split, num_users = data["split"], data["num_users"]
+            if not isinstance(split, str):
+                raise ValueError(f"split must be a string, got {split!r}")
+            if isinstance(num_users, bool) or not isinstance(num_users, int) or num_users < 0:
+                raise ValueError(f"num_users must be an int >= 0, got {num_users!r}")
             return cls(
                 tuple(points), check_budget(data["smallest_fraction"], "smallest_fraction"),
-                _finite(data["lam_smallest"], "lam_smallest"), str(data["split"]),
-                int(data["num_users"]),
+                _finite(data["lam_smallest"], "lam_smallest"), split, num_users,
             )
-        except (KeyError, TypeError, ValueError) as error:  # BudgetError is a ValueError
+        except KeyError as error:
+            raise BudgetError(f"{source}: invalid calibration table: missing key {error}") from None
+        except (TypeError, ValueError) as error:  # BudgetError is a ValueError
             raise BudgetError(f"{source}: invalid calibration table: {error}") from None
 
 
