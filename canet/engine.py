@@ -417,6 +417,11 @@ def _routing_penalty(
 ) -> RoutingPenalty | None:
     """The engine's routing penalty (None: the router's own argmax), checked at the boundary."""
     if penalty is not None:
+        if not isinstance(penalty, RoutingPenalty):
+            raise BudgetError(
+                f"penalty must be a canet.budget.RoutingPenalty, got {type(penalty).__name__} "
+                "(a budget or cap goes to budget= or max_flops=)"
+            )
         if budget is not None or max_flops is not None:
             raise BudgetError("pass either penalty or budget/max_flops to the Engine, not both")
         return None if penalty.is_identity else penalty
