@@ -13,8 +13,12 @@ bisection: :func:`calibrate_lambda`. A :class:`BudgetTable` holds, per budget, i
 the fraction achieved on the calibration users and their NDCG@10; a checkpoint stores it as
 ``calibration.json`` (``canet calibrate``), and ``Engine(model, budget=b)`` looks ``b`` up in it.
 
-Every routing decision with a penalty goes through :func:`route_with_penalty`, in float32, so
-calibration and every backend apply the same arithmetic to the same logits.
+Every routing decision with a penalty goes through :func:`route_with_penalty`, in float64, so
+calibration and every backend apply the same arithmetic to the same logits. Not float32: its
+rounding of ``logits - lam * fraction`` (a half-ulp of the logits, about 1e-7 of them) breaks
+the monotonicity above at that scale, so the mean fraction could fall and rise again as ``lam``
+grows by parts in a million and the bisection would settle on a ``lam`` that is not the
+smallest; in float64 (exact for float32, float16 and bfloat16 logits) that scale is 1e-16.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ __all__ = [
     "smallest_penalty",
 ]
 
-# Bisection steps of calibrate_lambda: the bracket [0, hi] shrinks 2^-60-fold, far below the
-# float32 resolution of the penalty vector.
+# Bisection steps of calibrate_lambda: the bracket [0, hi] shrinks 2^-60-fold, about the
+# float64 resolution of the penalty vector.
 BISECTION_STEPS = 60
 TABLE_VERSION = 1
 
@@ -113,7 +117,7 @@ class RoutingPenalty:
     def vector(
         self, fractions: Sequence[float], device: torch.device | str | None = None
     ) -> Tensor | None:
-        """float32 ``[C]`` subtracted from the logits (``+inf`` for configs above the cap), or
+        """float64 ``[C]`` subtracted from the logits (``+inf`` for configs above the cap), or
         None for the identity. BudgetError when the cap leaves no config."""
         if self.is_identity:
             return None
@@ -127,15 +131,16 @@ class RoutingPenalty:
                     f"smallest achievable is {float(costs.min()):.4f}"
                 )
             penalty = penalty.masked_fill(~allowed, math.inf)
-        return penalty.to(device=device, dtype=torch.float32)
+        return penalty.to(device=device)
 
 
 def route_with_penalty(logits: Tensor, penalty: Tensor | None) -> Tensor:
-    """Config id per user: ``argmax(logits - penalty)`` in float32. logits ``[B, C]``,
-    penalty ``[C]`` from :meth:`RoutingPenalty.vector` (None: plain argmax) -> ``[B]`` int64."""
+    """Config id per user: ``argmax(logits - penalty)`` in float64 (module docstring). logits
+    ``[B, C]``, penalty ``[C]`` from :meth:`RoutingPenalty.vector` (None: plain argmax in the
+    logits' dtype) -> ``[B]`` int64."""
     if penalty is None:
         return logits.argmax(dim=-1)
-    return (logits.float() - penalty).argmax(dim=-1)
+    return (logits.double() - penalty.double()).argmax(dim=-1)
 
 
 def mean_fraction(config_ids: Tensor, fractions: Sequence[float]) -> float:
@@ -169,7 +174,7 @@ def calibrate_lambda(
             f"calibration needs router logits [users >= 1, {len(fractions)}], got "
             f"{tuple(logits.shape)}"
         )
-    logits = logits.detach().float()
+    logits = logits.detach()
 
     def cost(lam: float) -> float:
         vector = RoutingPenalty(lam, max_flops).vector(fractions, logits.device)
@@ -207,7 +212,7 @@ def smallest_penalty(
     """A penalty (a power of 2) large enough that every user of ``logits [U, C]`` takes the
     cheapest allowed config: the top of :func:`calibrate_lambda`'s bracket, and the table's
     lambda at its smallest achievable budget."""
-    logits = logits.detach().float()
+    logits = logits.detach()
     allowed = [f for f in fractions if max_flops is None or f <= max_flops]
     cheapest = min(allowed) if allowed else min(fractions)
     high = 1.0
