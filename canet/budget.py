@@ -13,8 +13,12 @@ bisection: :func:`calibrate_lambda`. A :class:`BudgetTable` holds, per budget, i
 the fraction achieved on the calibration users and their NDCG@10; a checkpoint stores it as
 ``calibration.json`` (``canet calibrate``), and ``Engine(model, budget=b)`` looks ``b`` up in it.
 
-Every routing decision with a penalty goes through :func:`route_with_penalty`, in float32, so
-calibration and every backend apply the same arithmetic to the same logits.
+Every routing decision with a penalty goes through :func:`route_with_penalty`, in float64, so
+calibration and every backend apply the same arithmetic to the same logits. Not float32: its
+rounding of ``logits - lam * fraction`` (a half-ulp of the logits, about 1e-7 of them) breaks
+the monotonicity above at that scale, so the mean fraction could fall and rise again as ``lam``
+grows by parts in a million and the bisection would settle on a ``lam`` that is not the
+smallest; in float64 (exact for float32, float16 and bfloat16 logits) that scale is 1e-16.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -46,8 +51,8 @@ __all__ = [
     "smallest_penalty",
 ]
 
-# Bisection steps of calibrate_lambda: the bracket [0, hi] shrinks 2^-60-fold, far below the
-# float32 resolution of the penalty vector.
+# Bisection steps of calibrate_lambda: the bracket [0, hi] shrinks 2^-60-fold, about the
+# float64 resolution of the penalty vector.
 BISECTION_STEPS = 60
 TABLE_VERSION = 1
 # The budgets calibrated at the end of training and by `canet calibrate` without --budgets
@@ -76,10 +81,12 @@ def check_budget(value: object, name: str = "budget") -> float:
         raise BudgetError(f"{expected}, got {value!r}")
     try:
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float's range
         raise BudgetError(f"{expected}, got {str(value)[:40]!r}") from None
     if not (math.isfinite(number) and 0.0 < number <= 1.0):
-        raise BudgetError(f"{expected}, got {str(value)[:40]}")
+        # A string is quoted: float() accepts surrounding whitespace, newlines included.
+        shown = repr(value[:40]) if isinstance(value, str) else str(value)[:40]
+        raise BudgetError(f"{expected}, got {shown}")
     return number
 
 
@@ -102,11 +109,20 @@ class RoutingPenalty:
     max_flops: float | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
+        lam = self.lam
+        number = isinstance(lam, (int, float)) and not isinstance(lam, bool)
+        try:
+            lam = float(lam) if number else math.nan
+        except OverflowError:  # an int past float's range
+            lam = math.inf
+        if not (math.isfinite(lam) and lam >= 0):
             raise BudgetError(f"routing penalty lambda must be a finite number >= 0, got "
-                              f"{self.lam!r}")
+                              f"{str(self.lam)[:40]!r}")
+        # Stored as floats: a cap given as a string ("0.5", a CLI value) would otherwise reach
+        # the tensor comparison in vector() and the messages' formatting.
+        object.__setattr__(self, "lam", lam)
         if self.max_flops is not None:
-            check_budget(self.max_flops, "max_flops")
+            object.__setattr__(self, "max_flops", check_budget(self.max_flops, "max_flops"))
 
     @property
     def is_identity(self) -> bool:
@@ -116,7 +132,7 @@ class RoutingPenalty:
     def vector(
         self, fractions: Sequence[float], device: torch.device | str | None = None
     ) -> Tensor | None:
-        """float32 ``[C]`` subtracted from the logits (``+inf`` for configs above the cap), or
+        """float64 ``[C]`` subtracted from the logits (``+inf`` for configs above the cap), or
         None for the identity. BudgetError when the cap leaves no config."""
         if self.is_identity:
             return None
@@ -130,23 +146,29 @@ class RoutingPenalty:
                     f"smallest achievable is {float(costs.min()):.4f}"
                 )
             penalty = penalty.masked_fill(~allowed, math.inf)
-        return penalty.to(device=device, dtype=torch.float32)
+        return penalty.to(device=device)
 
 
 def route_with_penalty(logits: Tensor, penalty: Tensor | None) -> Tensor:
-    """Config id per user: ``argmax(logits - penalty)`` in float32. logits ``[B, C]``,
-    penalty ``[C]`` from :meth:`RoutingPenalty.vector` (None: plain argmax) -> ``[B]`` int64."""
+    """Config id per user: ``argmax(logits - penalty)`` in float64 (module docstring). logits
+    ``[B, C]``, penalty ``[C]`` from :meth:`RoutingPenalty.vector` (None: plain argmax in the
+    logits' dtype) -> ``[B]`` int64."""
     if penalty is None:
         return logits.argmax(dim=-1)
-    return (logits.float() - penalty).argmax(dim=-1)
+    return (logits.double() - penalty.double()).argmax(dim=-1)
 
 
 def mean_fraction(config_ids: Tensor, fractions: Sequence[float]) -> float:
-    """Mean FLOPs fraction of users routed to ``config_ids [U]`` (float64 sum)."""
+    """Mean FLOPs fraction of users routed to ``config_ids [U]``: the exact mean of their
+    costs, rounded once. Exact, because calibration compares it with budgets that are costs
+    themselves: users all on one config must cost exactly its fraction (a float64 sum of U
+    equal values divided by U need not be), else the smallest achievable budget looks out of
+    reach and the bisection's bracket runs to its 2^100 limit."""
     if config_ids.numel() == 0:
         raise BudgetError("no users to measure the FLOPs of")
-    costs = torch.tensor(list(fractions), dtype=torch.float64, device=config_ids.device)
-    return float(costs[config_ids].mean())
+    counts = torch.bincount(config_ids.flatten().cpu(), minlength=len(fractions)).tolist()
+    total = sum(n * Fraction(f) for n, f in zip(counts, fractions, strict=True) if n)
+    return float(total / config_ids.numel())
 
 
 def calibrate_lambda(
@@ -167,7 +189,7 @@ def calibrate_lambda(
             f"calibration needs router logits [users >= 1, {len(fractions)}], got "
             f"{tuple(logits.shape)}"
         )
-    logits = logits.detach().float()
+    logits = logits.detach()
 
     def cost(lam: float) -> float:
         vector = RoutingPenalty(lam, max_flops).vector(fractions, logits.device)
@@ -185,6 +207,11 @@ def calibrate_lambda(
         return 0.0, at_zero
     # The bracket's top does not depend on the budget (see smallest_penalty).
     high, low = smallest_penalty(logits, fractions, max_flops), 0.0
+    if cost(high) > budget:  # the bisection keeps cost(high) <= budget: it must hold at the top
+        raise BudgetError(
+            f"no routing penalty up to {high:g} routes every calibration user to the cheapest "
+            "config (are the router logits finite?)"
+        )
     for _ in range(BISECTION_STEPS):
         middle = 0.5 * (low + high)
         if cost(middle) <= budget:
@@ -200,7 +227,7 @@ def smallest_penalty(
     """A penalty (a power of 2) large enough that every user of ``logits [U, C]`` takes the
     cheapest allowed config: the top of :func:`calibrate_lambda`'s bracket, and the table's
     lambda at its smallest achievable budget."""
-    logits = logits.detach().float()
+    logits = logits.detach()
     allowed = [f for f in fractions if max_flops is None or f <= max_flops]
     cheapest = min(allowed) if allowed else min(fractions)
     high = 1.0
@@ -245,6 +272,13 @@ class BudgetTable:
                               f"{budgets}")
         if any(a.lam < b.lam for a, b in zip(self.points, self.points[1:], strict=False)):
             raise BudgetError("a budget table's lambdas must not increase with the budget")
+        # penalty() interpolates from (smallest_fraction, lam_smallest) up to the first point.
+        if self.lam_smallest < self.points[0].lam:
+            raise BudgetError(
+                f"a budget table's lam_smallest ({self.lam_smallest:g}) must be at least the "
+                f"lambda of its smallest budget ({self.points[0].lam:g} at "
+                f"{self.points[0].budget:g})"
+            )
 
     @property
     def budgets(self) -> list[float]:
@@ -311,12 +345,18 @@ class BudgetTable:
                 )
                 RoutingPenalty(point.lam)  # lam >= 0
                 points.append(point)
+            split, num_users = data["split"], data["num_users"]
+            if not isinstance(split, str):
+                raise ValueError(f"split must be a string, got {split!r}")
+            if isinstance(num_users, bool) or not isinstance(num_users, int) or num_users < 0:
+                raise ValueError(f"num_users must be an int >= 0, got {num_users!r}")
             return cls(
                 tuple(points), check_budget(data["smallest_fraction"], "smallest_fraction"),
-                _finite(data["lam_smallest"], "lam_smallest"), str(data["split"]),
-                int(data["num_users"]),
+                _finite(data["lam_smallest"], "lam_smallest"), split, num_users,
             )
-        except (KeyError, TypeError, ValueError) as error:  # BudgetError is a ValueError
+        except KeyError as error:
+            raise BudgetError(f"{source}: invalid calibration table: missing key {error}") from None
+        except (TypeError, ValueError) as error:  # BudgetError is a ValueError
             raise BudgetError(f"{source}: invalid calibration table: {error}") from None
 
 

@@ -422,6 +422,11 @@ def routing_penalty(
     the smallest achievable, or a cap below every config."""
     table = model.budget_table if table is None else table
     if penalty is not None:
+        if not isinstance(penalty, RoutingPenalty):
+            raise BudgetError(
+                f"penalty must be a canet.budget.RoutingPenalty, got {type(penalty).__name__} "
+                "(a budget or cap goes to budget= or max_flops=)"
+            )
         if budget is not None or max_flops is not None:
             raise BudgetError("pass either penalty or budget/max_flops to the Engine, not both")
         return None if penalty.is_identity else penalty

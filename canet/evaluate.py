@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .budget import RoutingPenalty
+from .budget import BudgetError, RoutingPenalty
 from .data import SequenceData
 from .engine import Engine
 from .errors import CanetError
@@ -79,10 +79,16 @@ def evaluate(
         )
     if fixed_config_id is not None and shuffle_routing_seed is not None:
         raise CanetError("choose either a fixed config or shuffled routing, not both")
+    if penalty is not None and not isinstance(penalty, RoutingPenalty):
+        raise BudgetError(
+            f"penalty must be a canet.budget.RoutingPenalty or None, got {type(penalty).__name__}"
+        )
     if penalty is not None and fixed_config_id is not None:
         raise CanetError("a routing penalty (budget) does not apply to a fixed config")
     if engine is not None and penalty is not None:
         raise CanetError("pass the routing penalty to the Engine, not to evaluate() with it")
+    if penalty is not None and penalty.is_identity:
+        penalty = None  # the router's own argmax, reported as no penalty (as an Engine does)
     if engine is None and backend != "model":
         engine = Engine(model, backend=backend, penalty=penalty)
     was_training = model.training

@@ -121,7 +121,7 @@ class Backend(ABC):
         """Router logits ``[B, C]``. seqs ``[B, L]`` int64, validated by the caller."""
 
     def route(self, seqs: Tensor, penalty: Tensor | None = None) -> Tensor:
-        """Argmax routing, minus a serve-time budget's ``penalty [C]`` (float32, from
+        """Argmax routing, minus a serve-time budget's ``penalty [C]`` (float64, from
         :meth:`canet.budget.RoutingPenalty.vector`; None: plain argmax). seqs ``[B, L]`` int64
         (validated by the caller) -> config ids ``[B]``. The one routing rule of every backend:
         :func:`canet.budget.route_with_penalty` on this backend's logits."""
