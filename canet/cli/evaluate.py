@@ -13,11 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..checkpoint import describe_data_change, load_checkpoint
+from ..checkpoint import load_checkpoint
 from ..data import load_dataset
 from ..errors import CanetError
 from ..evaluate import evaluate, format_histogram
 from .output import write_metrics, write_ranks
+from .rundata import check_training_data
 
 __all__ = ["add_arguments", "run"]
 
@@ -59,17 +60,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     loaded = load_checkpoint(args.run_dir)
     config = loaded.config
     data = load_dataset(args.data, **config.dataset_options())
-    if data.vocab != loaded.vocab:
-        raise CanetError(
-            f"{args.data}: its users/items differ from the checkpoint's vocab.json "
-            f"({data.num_items} vs {loaded.vocab.num_items} items); evaluate on the training data"
-        )
-    changed = describe_data_change(loaded.trainer_state.get("data"), data)
-    if changed and not args.allow_different_data:
-        raise CanetError(
-            f"{args.data}: {changed}; evaluate on the training data, or pass "
-            "--allow-different-data"
-        )
+    changed = check_training_data(
+        loaded, data, args.data, allow_different_data=args.allow_different_data
+    )
     if changed:
         print(f"canet: warning: {args.data}: {changed}; these metrics are of another split",
               file=sys.stderr)
