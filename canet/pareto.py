@@ -165,6 +165,9 @@ def pareto_report(
     names = [entry.name for entry in against]
     if len(set(names)) != len(names):
         raise CanetError(f"against runs need distinct names, got {names}")
+    for entry in against:  # before minutes of evaluation: the pairing needs the same users
+        if entry.data is not None and entry.data is not data:
+            _check_same_targets(entry.name, entry.data, data, split)
     space = model.space
     total = len(budgets) * (1 + shuffles) + space.n_configs + len(against)
     done = 0
@@ -186,16 +189,16 @@ def pareto_report(
         f"{1 + shuffles}, {space.n_configs} fixed configs, {len(against)} other runs)")
     largest = None
     budget_rows, random_rows, budget_ranks, random_ranks = [], [], [], []
-    users = targets = None
+    num_users = None
     for budget in budgets:
         penalty = table.penalty(budget)
         scorer = _scorer(model, backend, penalty)
         result = run_one(f"CANet at budget {budget:g} (lambda {penalty.lam:.4g})", model, data,
                          scorer)
         per_user = result.pop("per_user")
-        if users is None:
-            users, targets = per_user["users"], per_user["targets"]
+        if largest is None:
             largest = result["flops"]["largest_per_user"]
+            num_users = len(per_user["users"])
         budget_ranks.append(per_user["ranks"])
         budget_rows.append({"budget": budget, "lam": penalty.lam, **_row(result, largest)})
         shuffled = [
@@ -205,7 +208,7 @@ def pareto_report(
         ]
         random_ranks.append([r.pop("per_user")["ranks"] for r in shuffled])
         random_rows.append(_random_row(budget, shuffled, largest, seed))
-    assert users is not None and largest is not None
+    assert largest is not None and num_users is not None
 
     fixed_rows, fixed_ranks = [], []
     scorer = _scorer(model, backend, None)
@@ -223,14 +226,7 @@ def pareto_report(
                 if entry.fixed_config_id is not None else f"{entry.name} (routed)")
         result = run_one(what, entry.model, on, _scorer(entry.model, backend, None),
                          fixed_config_id=entry.fixed_config_id)
-        per_user = result.pop("per_user")
-        if not (np.array_equal(per_user["users"], users)
-                and np.array_equal(per_user["targets"], targets)):
-            raise CanetError(
-                f"{entry.name}: evaluated on other users or targets than the run's {split} "
-                "split; compare runs trained on the same log"
-            )
-        against_ranks.append(per_user["ranks"])
+        against_ranks.append(result.pop("per_user")["ranks"])
         against_rows.append({"name": entry.name, "fixed_config_id": entry.fixed_config_id,
                              **_row(result, largest)})
 
@@ -273,7 +269,7 @@ def pareto_report(
                         "smallest_fraction": table.smallest_fraction,
                         "budgets": table.budgets},
         "split": split,
-        "num_users": int(len(users)),
+        "num_users": num_users,
         "backend": backend,
         "evaluations": done,
         "protocol": _protocol(ks, exclude_history, shuffles, seed),
@@ -283,6 +279,20 @@ def pareto_report(
         "against": against_rows,
         "comparisons": comparisons,
     }
+
+
+def _check_same_targets(name: str, other: SequenceData, data: SequenceData, split: str) -> None:
+    """CanetError unless ``other`` has the same ``split`` users with the same targets as
+    ``data`` (ascending user order, as every evaluation returns them)."""
+    def targets(of: SequenceData) -> np.ndarray:
+        return np.concatenate([t.numpy() for _, _, t in of.eval_batches(split, 4096)])
+
+    if not (np.array_equal(other.eval_users(split), data.eval_users(split))
+            and np.array_equal(targets(other), targets(data))):
+        raise CanetError(
+            f"{name}: its data has other {split} users or targets than the run's; compare runs "
+            "trained on the same log"
+        )
 
 
 def _scorer(model: CANet, backend: str, penalty: RoutingPenalty | None) -> dict[str, Any]:

@@ -26,11 +26,12 @@ from canet.budget import (
 )
 from canet.checkpoint import load_checkpoint
 from canet.config import config_from_dict
-from canet.data import load_dataset
+from canet.data import build_dataset, load_dataset, synthetic_log
 from canet.errors import CanetError
 from canet.evaluate import evaluate
 from canet.metrics import paired_difference
 from canet.pareto import (
+    AgainstRun,
     check_budgets,
     pareto_report,
     render_markdown,
@@ -231,9 +232,14 @@ def test_bad_library_inputs(trained) -> None:
     assert check_budgets(["1", 0.35], table) == [0.35, 1.0]
     with pytest.raises(CanetError, match="shuffles"):
         pareto_report(model, data, table, shuffles=0, log=None)
-    other = trained["data"]
     with pytest.raises(CanetError, match="distinct names"):
-        pareto_report(model, other, table, against=[("a", model), ("a", model)], log=None)
+        pareto_report(model, data, table, against=[("a", model), ("a", model)], log=None)
+    # Another log's split of the same users: refused before any evaluation.
+    other = build_dataset(synthetic_log(200, 60, 1, seq_len=(5, 12)), model.max_len)
+    assert other.num_items == data.num_items
+    with pytest.raises(CanetError, match="other test users or targets"):
+        pareto_report(model, data, table, against=[AgainstRun("b", model, None, other)],
+                      log=None)
 
 
 def test_writers_without_matplotlib(trained, tmp_path, monkeypatch) -> None:
