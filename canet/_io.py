@@ -12,7 +12,14 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["fsync_dir", "fsync_file", "process_umask", "set_created_mode", "write_text_atomic"]
+__all__ = [
+    "fsync_dir",
+    "fsync_file",
+    "process_umask",
+    "set_created_mode",
+    "write_bytes_atomic",
+    "write_text_atomic",
+]
 
 _umask_guard = threading.Lock()
 
@@ -66,6 +73,15 @@ def write_text_atomic(text: str, path: str | os.PathLike[str]) -> Path:
     ordinary ``open(path, "w")`` would: an existing file's mode is kept, a new one is 0o666
     less the umask.
     """
+    return _write_atomic(text, path)
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike[str]) -> Path:
+    """:func:`write_text_atomic` for binary content (e.g. a rendered PNG), same guarantees."""
+    return _write_atomic(data, path)
+
+
+def _write_atomic(content: str | bytes, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if path.is_dir():  # else the rename's EISDIR would come after writing the whole file
         raise IsADirectoryError(errno.EISDIR, "is a directory; expected a file path", str(path))
@@ -83,8 +99,9 @@ def write_text_atomic(text: str, path: str | os.PathLike[str]) -> Path:
         raise _naming(error, path) from None
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        binary = isinstance(content, bytes)
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
+            handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())
         try:

@@ -42,6 +42,7 @@ LAYERS = {
     "canet.calibrate": ("training", 3),
     "canet.recommender": ("apps", 4),
     "canet.bench": ("apps", 4),
+    "canet.pareto": ("apps", 4),
     "canet.info": ("apps", 4),
     "canet.cli": ("apps", 5),
     "canet.__main__": ("apps", 5),

@@ -9,6 +9,7 @@ Every argparse parser of canet lives in this package (and in the benchmark's own
     canet compare RANKS_A.csv [...] --against RANKS_B.csv [...] [--metric ndcg@10]
     canet calibrate RUN_DIR --data LOG [--budgets 0.1,0.2,...] [--split valid|test]
     canet recommend RUN_DIR --input FILE -k 10 --output recs.csv [--budget B]
+    canet pareto RUN_DIR --data LOG [--split test] [--budgets 0.1,0.2,...] [--against RUN2 ...]
     canet demo [--data LOG] [--quick]
     canet bench ...            (canet.bench.main)
 
@@ -38,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "paired comparison of two models' per-user ranks (bootstrap interval)"),
     "recommend": ("canet.cli.recommend",
                   "top-k items for histories given as a log or JSON"),
+    "pareto": ("canet.cli.pareto",
+               "accuracy/compute Pareto report: budgets, fixed sub-networks, random routing"),
     "demo": ("canet.cli.demo", "train CANet and the full-size baseline, evaluate, compare"),
 }
 # Subcommands that own their whole argument list (parsed by their module's main(argv)).
