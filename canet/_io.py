@@ -73,15 +73,17 @@ def write_text_atomic(text: str, path: str | os.PathLike[str]) -> Path:
     ordinary ``open(path, "w")`` would: an existing file's mode is kept, a new one is 0o666
     less the umask.
     """
-    return _write_atomic(text, path)
+    return _write_atomic(text, path, binary=False)
 
 
 def write_bytes_atomic(data: bytes, path: str | os.PathLike[str]) -> Path:
     """:func:`write_text_atomic` for binary content (e.g. a rendered PNG), same guarantees."""
-    return _write_atomic(data, path)
+    return _write_atomic(data, path, binary=True)
 
 
-def _write_atomic(content: str | bytes, path: str | os.PathLike[str]) -> Path:
+def _write_atomic(content: str | bytes, path: str | os.PathLike[str], *, binary: bool) -> Path:
+    # The mode comes from the caller, not from type(content): text given bytes (or bytes given
+    # text) fails while writing the temporary, before the target is touched.
     path = Path(path)
     if path.is_dir():  # else the rename's EISDIR would come after writing the whole file
         raise IsADirectoryError(errno.EISDIR, "is a directory; expected a file path", str(path))
@@ -99,7 +101,6 @@ def _write_atomic(content: str | bytes, path: str | os.PathLike[str]) -> Path:
         raise _naming(error, path) from None
     tmp = Path(tmp_name)
     try:
-        binary = isinstance(content, bytes)
         with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
             handle.write(content)
             handle.flush()

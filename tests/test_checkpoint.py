@@ -232,6 +232,19 @@ def test_write_text_atomic_replaces_whole_files_only(tmp_path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]  # no leftover
 
 
+def test_write_bytes_atomic_writes_bytes_and_refuses_text(tmp_path) -> None:
+    from canet._io import write_bytes_atomic
+
+    path = tmp_path / "plot.png"
+    payload = bytes(range(256)) * 3  # every byte value, \r and \n included: no newline translation
+    write_bytes_atomic(payload, path)
+    assert path.read_bytes() == payload
+    with pytest.raises(TypeError):
+        write_bytes_atomic("text is not bytes", path)
+    assert path.read_bytes() == payload
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_saved_files_and_directories_follow_the_umask(tmp_path, umask) -> None:
     """Issue 14 item 6: best/ and last/ were 0700 and model.safetensors 0600 (mkdtemp's and
