@@ -165,7 +165,11 @@ def pareto_report(
         if entry.data is not None and entry.data is not data:
             _check_same_targets(entry.name, entry.data, data, split)
     space = model.space
-    total = len(budgets) * (1 + shuffles) + space.n_configs + len(against)
+    penalties = [table.penalty(budget) for budget in budgets]
+    # Budgets at or above the router's own cost share lambda 0 (and interpolation can repeat a
+    # lambda): their routing is identical, so each distinct penalty is evaluated once.
+    distinct = len({(p.lam, p.max_flops) for p in penalties})
+    total = distinct * (1 + shuffles) + space.n_configs + len(against)
     done = 0
     say = log or (lambda message: None)
 
@@ -181,28 +185,37 @@ def pareto_report(
             f"({time.perf_counter() - started:.1f} s)")
         return result
 
-    say(f"pareto: {total} evaluations on {split} ({len(budgets)} budgets x "
+    say(f"pareto: {total} evaluations on {split} ({distinct} distinct budget routings x "
         f"{1 + shuffles}, {space.n_configs} fixed configs, {len(against)} other runs)")
     largest = None
     budget_rows, random_rows, budget_ranks, random_ranks = [], [], [], []
     num_users = None
-    for budget in budgets:
-        penalty = table.penalty(budget)
-        scorer = _scorer(model, backend, penalty)
-        result = run_one(f"CANet at budget {budget:g} (lambda {penalty.lam:.4g})", model, data,
-                         scorer)
-        per_user = result.pop("per_user")
+    # (lam, max_flops) -> (CANet's result and ranks, the shuffles' results and ranks)
+    evaluated: dict[tuple[float, float | None], tuple[Any, Any, list[Any], list[Any]]] = {}
+    for budget, penalty in zip(budgets, penalties, strict=True):
+        key = (penalty.lam, penalty.max_flops)
+        if key in evaluated:
+            say(f"pareto: CANet at budget {budget:g} routes as a smaller budget (lambda "
+                f"{penalty.lam:.4g}): its evaluations are reused")
+        else:
+            scorer = _scorer(model, backend, penalty)
+            result = run_one(f"CANet at budget {budget:g} (lambda {penalty.lam:.4g})", model,
+                             data, scorer)
+            ranks = result.pop("per_user")
+            shuffled = [
+                run_one(f"random routing at budget {budget:g}, shuffle {s + 1}/{shuffles}",
+                        model, data, scorer, shuffle_routing_seed=seed + s)
+                for s in range(shuffles)
+            ]
+            evaluated[key] = (result, ranks, shuffled,
+                              [r.pop("per_user")["ranks"] for r in shuffled])
+        result, per_user, shuffled, shuffled_ranks = evaluated[key]
         if largest is None:
             largest = result["flops"]["largest_per_user"]
             num_users = len(per_user["users"])
         budget_ranks.append(per_user["ranks"])
         budget_rows.append({"budget": budget, "lam": penalty.lam, **_row(result, largest)})
-        shuffled = [
-            run_one(f"random routing at budget {budget:g}, shuffle {s + 1}/{shuffles}", model,
-                    data, scorer, shuffle_routing_seed=seed + s)
-            for s in range(shuffles)
-        ]
-        random_ranks.append([r.pop("per_user")["ranks"] for r in shuffled])
+        random_ranks.append(shuffled_ranks)
         random_rows.append(_random_row(budget, shuffled, largest, seed))
     assert largest is not None and num_users is not None
 
@@ -497,9 +510,16 @@ def _plot_png(report: dict[str, Any]) -> bytes:
         budgets = report["budgets"]
         ax.plot([r["flops_fraction_with_router"] for r in budgets], [r[METRIC] for r in budgets],
                 marker="o", color="C0", label="CANet at each budget")
+        # Budgets that route identically (lambda 0 above the router's own cost) share a point:
+        # one label "b=0.2-1" instead of overprinted ones.
+        points: dict[tuple[float, float], list[float]] = {}
         for r in budgets:
-            ax.annotate(f"b={r['budget']:g}", (r["flops_fraction_with_router"], r[METRIC]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7, color="C0")
+            points.setdefault((r["flops_fraction_with_router"], r[METRIC]), []).append(
+                r["budget"])
+        for (x, y), same in points.items():
+            text = f"b={same[0]:g}" if len(same) == 1 else f"b={same[0]:g}-{same[-1]:g}"
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color="C0")
         fixed = report["fixed"]
         ax.scatter([r["flops_fraction"] for r in fixed], [r[METRIC] for r in fixed],
                    marker="s", color="C1", label="fixed sub-networks (config id)")

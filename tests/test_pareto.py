@@ -6,6 +6,7 @@ their intervals, the Markdown tables, the writers, and one-line exit-2 errors fo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -86,12 +87,36 @@ def test_every_budget_and_config_and_progress(trained) -> None:
     assert [(r["depth"], r["hidden"], r["emb"]) for r in report["fixed"]] == [
         (c.depth, c.hidden, c.emb) for c in model.space.configs]
     assert report["num_users"] == len(trained["data"].eval_users("test"))
-    total = len(BUDGETS) * (1 + SHUFFLES) + model.space.n_configs + 3
+    distinct = len({trained["table"].penalty(b).lam for b in BUDGETS})
+    total = distinct * (1 + SHUFFLES) + model.space.n_configs + 3
     assert report["evaluations"] == total
     assert trained["messages"][0].startswith(f"pareto: {total} evaluations on test")
     progress = [m.split(" ")[1] for m in trained["messages"] if "/" in m.split(" ")[1]]
     assert progress == [f"{k}/{total}" for k in range(1, total + 1)]
     json.dumps(report)  # JSON-able as it is
+
+
+def test_budgets_with_the_same_penalty_are_evaluated_once(trained) -> None:
+    """Budgets at or above the router's own cost all get lambda 0 (identical routing): one
+    evaluation (and one set of shuffles) serves them all, and their rows are identical."""
+    model, data, table = trained["model"], trained["data"], trained["table"]
+    flat = dataclasses.replace(  # every calibrated budget routes as the router does
+        table, points=tuple(dataclasses.replace(p, lam=0.0) for p in table.points))
+    messages: list[str] = []
+    report = pareto_report(model, data, flat, budgets=[0.35, 0.6, 1.0], shuffles=SHUFFLES,
+                           backend="model", log=messages.append)
+    assert report["evaluations"] == (1 + SHUFFLES) + model.space.n_configs
+    assert sum("its evaluations are reused" in m for m in messages) == 2
+    plain = evaluate(model, data, "test")
+    for row in report["budgets"]:
+        assert row["lam"] == 0.0
+        assert row["ndcg@10"] == plain["metrics"]["ndcg@10"]
+        assert row["histogram"] == plain["routing"]["histogram"]
+    rows = [{k: v for k, v in r.items() if k != "budget"} for r in report["random"]]
+    assert rows[0] == rows[1] == rows[2]
+    # Reused rows are compared like any other: one comparison set per budget.
+    assert [c["budget"] for c in report["comparisons"] if c["kind"] == "random routing"] == [
+        0.35, 0.6, 1.0]
 
 
 def test_fixed_rows_equal_plain_evaluations(trained) -> None:
