@@ -43,12 +43,14 @@ __all__ = [
     "BudgetTable",
     "RoutingPenalty",
     "calibrate_lambda",
+    "check_achievable",
     "check_budget",
     "check_routed",
     "flops_fractions",
     "mean_fraction",
     "route_with_penalty",
     "smallest_penalty",
+    "stable_penalty",
 ]
 
 # Bisection steps of calibrate_lambda: the bracket [0, hi] shrinks 2^-60-fold, about the
@@ -88,6 +90,16 @@ def check_budget(value: object, name: str = "budget") -> float:
         shown = repr(value[:40]) if isinstance(value, str) else str(value)[:40]
         raise BudgetError(f"{expected}, got {shown}")
     return number
+
+
+def check_achievable(budget: float, smallest: float) -> None:
+    """BudgetError naming ``smallest`` (every user on the cheapest config) when ``budget`` is
+    below it."""
+    if budget < smallest:
+        raise BudgetError(
+            f"budget {budget:g} is below the cheapest sub-network's cost: the smallest "
+            f"achievable budget is {smallest:.4f} (every user on the smallest config)"
+        )
 
 
 def check_routed(fixed_config_id: int | None, what: str = "a budget") -> None:
@@ -197,11 +209,7 @@ def calibrate_lambda(
 
     allowed = [f for f in fractions if max_flops is None or f <= max_flops]
     smallest = min(allowed) if allowed else min(fractions)
-    if budget < smallest:
-        raise BudgetError(
-            f"budget {budget:g} is below the cheapest sub-network's cost: the smallest "
-            f"achievable budget is {smallest:.4f} (every user on the smallest config)"
-        )
+    check_achievable(budget, smallest)
     at_zero = cost(0.0)
     if at_zero <= budget:
         return 0.0, at_zero
@@ -218,15 +226,49 @@ def calibrate_lambda(
             high = middle
         else:
             low = middle
-    return high, cost(high)
+    lam = stable_penalty(logits, fractions, high, max_flops)
+    return lam, cost(lam)
+
+
+def stable_penalty(
+    logits: Tensor, fractions: Sequence[float], lam: float, max_flops: float | None = None
+) -> float:
+    """The middle of the range of penalties that route ``logits [U, C]`` exactly as ``lam``
+    does: from ``lam`` up to the next penalty at which some user moves to a cheaper config
+    (twice ``lam`` when none will). ``lam = 0`` is returned as is (the router's own routing).
+
+    The bisection's ``lam`` lies within float precision of a tie: at the penalty where the last
+    user needed moved, that user's two configs score equally. Router logits that differ by an
+    ulp (another backend, another batch) would move the user back and the budget would be
+    exceeded on the very users it was calibrated on. In the middle of the range every user's
+    choice has the widest margin the calibration users allow, and the routing (so the
+    achieved fraction) is unchanged."""
+    if lam == 0.0:
+        return 0.0
+    vector = RoutingPenalty(lam, max_flops).vector(fractions, logits.device)
+    costs = torch.tensor(list(fractions), dtype=torch.float64, device=logits.device)
+    allowed = costs <= (math.inf if max_flops is None else max_flops)
+    following = math.inf
+    for rows in logits.detach().split(1 << 14):  # bounded memory: [rows, C] float64 at a time
+        rows = rows.double()
+        chosen = route_with_penalty(rows, vector)
+        # User b on config c moves to a cheaper config j once lam * (f_c - f_j) > l_c - l_j.
+        saving = costs[chosen][:, None] - costs[None, :]
+        crossing = (rows.gather(1, chosen[:, None]) - rows) / saving
+        moves = (saving > 0) & allowed[None, :] & (crossing > lam)
+        if bool(moves.any()):
+            following = min(following, float(crossing[moves].min()))
+    return 2.0 * lam if math.isinf(following) else 0.5 * (lam + following)
 
 
 def smallest_penalty(
     logits: Tensor, fractions: Sequence[float], max_flops: float | None = None
 ) -> float:
     """A penalty (a power of 2) large enough that every user of ``logits [U, C]`` takes the
-    cheapest allowed config: the top of :func:`calibrate_lambda`'s bracket, and the table's
-    lambda at its smallest achievable budget."""
+    cheapest allowed config, with a margin: twice the first power of 2 that does (the last
+    user to move may be within rounding of a tie just below it; see :func:`stable_penalty`).
+    The top of :func:`calibrate_lambda`'s bracket, and the table's lambda at its smallest
+    achievable budget."""
     logits = logits.detach()
     allowed = [f for f in fractions if max_flops is None or f <= max_flops]
     cheapest = min(allowed) if allowed else min(fractions)
@@ -236,7 +278,7 @@ def smallest_penalty(
         if mean_fraction(route_with_penalty(logits, vector), fractions) <= cheapest:
             break
         high *= 2.0
-    return high
+    return 2.0 * high
 
 
 @dataclass(frozen=True)
@@ -255,8 +297,9 @@ class BudgetTable:
     """Calibrated budgets of one trained model, in increasing budget order.
 
     ``smallest_fraction``/``lam_smallest``: the cheapest achievable budget and a penalty that
-    routes every calibration user to the cheapest config (the table's lower end for
-    interpolation). ``split``/``num_users``: the calibration users (validation, by default).
+    routes every calibration user to the cheapest config (what :meth:`penalty` gives a budget
+    below every calibrated routing). ``split``/``num_users``: the calibration users
+    (validation, by default).
     """
 
     points: tuple[BudgetPoint, ...]
@@ -272,7 +315,7 @@ class BudgetTable:
                               f"{budgets}")
         if any(a.lam < b.lam for a, b in zip(self.points, self.points[1:], strict=False)):
             raise BudgetError("a budget table's lambdas must not increase with the budget")
-        # penalty() interpolates from (smallest_fraction, lam_smallest) up to the first point.
+        # penalty() falls back to lam_smallest below the first point: it must cost no more.
         if self.lam_smallest < self.points[0].lam:
             raise BudgetError(
                 f"a budget table's lam_smallest ({self.lam_smallest:g}) must be at least the "
@@ -288,30 +331,21 @@ class BudgetTable:
         self, budget: float | None = None, max_flops: float | None = None
     ) -> RoutingPenalty:
         """The routing penalty for ``budget`` (None or 1.0: the router's own routing) with an
-        optional hard cap. A budget between two calibrated ones gets the linear interpolation
-        of their lambdas: its mean fraction lies between theirs (so it may exceed ``budget``,
-        never the next calibrated budget). BudgetError below the smallest achievable budget."""
+        optional hard cap: the smallest calibrated ``lam`` whose achieved fraction on the
+        calibration users is at or under ``budget``. A calibrated budget gets its own ``lam``;
+        one between two calibrated budgets gets the ``lam`` of the largest calibrated routing
+        that fits under it (not an interpolation of lambdas, which can overshoot by far where
+        many users sit near one threshold), so the calibration users stay at or under every
+        budget; one at or above the router's own fraction gets 0. A larger budget never gets a
+        larger ``lam``. BudgetError below the smallest achievable budget."""
         if budget is None:
             return RoutingPenalty(0.0, max_flops)
         budget = check_budget(budget)
-        if budget < self.smallest_fraction:
-            raise BudgetError(
-                f"budget {budget:g} is below the cheapest sub-network's cost: the smallest "
-                f"achievable budget is {self.smallest_fraction:.4f}"
-            )
-        points = [(self.smallest_fraction, self.lam_smallest)] + [
-            (p.budget, p.lam) for p in self.points if p.budget > self.smallest_fraction
-        ]
-        if budget >= points[-1][0]:
-            lam = points[-1][1] if budget < 1.0 else 0.0
-            return RoutingPenalty(lam, max_flops)
-        for (b0, l0), (b1, l1) in zip(points, points[1:], strict=False):
-            if b0 <= budget <= b1:
-                if budget == b1:
-                    return RoutingPenalty(l1, max_flops)
-                share = (budget - b0) / (b1 - b0)
-                return RoutingPenalty(l0 + share * (l1 - l0), max_flops)
-        raise AssertionError("unreachable: the points cover [smallest_fraction, last budget]")
+        check_achievable(budget, self.smallest_fraction)
+        if budget == 1.0:
+            return RoutingPenalty(0.0, max_flops)
+        fitting = [p.lam for p in self.points if p.flops_fraction <= budget]
+        return RoutingPenalty(min(fitting, default=self.lam_smallest), max_flops)
 
     # -- JSON (calibration.json) -----------------------------------------------------------
     def to_json(self) -> str:

@@ -25,6 +25,7 @@ from .budget import (
     BudgetTable,
     RoutingPenalty,
     calibrate_lambda,
+    check_achievable,
     check_budget,
     smallest_penalty,
 )
@@ -50,17 +51,14 @@ def resolve_budgets(budgets: Sequence[object], smallest: float) -> tuple[float, 
         if value in values:
             raise BudgetError(f"budgets must be distinct, got {value:g} twice")
         values.append(value)
-    below = [value for value in values if value < smallest]
-    if below and not default:
-        raise BudgetError(
-            f"budget {below[0]:g} is below the cheapest sub-network's cost: the smallest "
-            f"achievable budget is {smallest:.4f} (every user on the smallest config)"
-        )
+    if not default:
+        for value in values:
+            check_achievable(value, smallest)
     return tuple(sorted({value for value in values if value >= smallest} | {1.0}))
 
 
 def router_logits(model: CANet, data: SequenceData, split: str, batch_size: int) -> torch.Tensor:
-    """Router logits ``[U, C]`` (float32, on the model's device) of the users with a ``split``
+    """Router logits ``[U, C]`` (the model's dtype and device) of the users with a ``split``
     target, in ascending user order, batched as :func:`canet.evaluate.evaluate` routes them.
     The model runs in eval mode (its mode is restored)."""
     check_model_data(model, data)
@@ -69,7 +67,10 @@ def router_logits(model: CANet, data: SequenceData, split: str, batch_size: int)
     model.eval()
     try:
         with torch.inference_mode():
-            parts = [model.router(seqs.to(device)).float()
+            # In the model's dtype: routing compares these logits exactly as the model and
+            # every backend do (route_with_penalty is exact in float64 for any float dtype);
+            # rounding float64 logits to float32 here moved users across ties.
+            parts = [model.router(seqs.to(device))
                      for _, seqs, _ in data.eval_batches(split, batch_size)]
     finally:
         model.train(was_training)
@@ -85,7 +86,6 @@ def calibrate(
     split: str = "valid",
     *,
     batch_size: int = 256,
-    max_flops: float | None = None,
     exclude_history: bool = True,
 ) -> BudgetTable:
     """Calibrate ``budgets`` on the users of ``split``: per budget the penalty ``lam``, the
@@ -93,31 +93,27 @@ def calibrate(
     NDCG@10 (one evaluation per distinct ``lam``; ``exclude_history`` as in evaluate).
 
     ``budgets`` are checked by :func:`resolve_budgets` (BudgetError); 1.0 is always included.
-    ``max_flops``: calibrate under that hard per-user cap too (the table is then meant for
-    that cap; training and ``canet calibrate`` calibrate without one). Deterministic; the
-    model's train/eval mode is left as it was.
+    Calibrated without a per-user cap: a cap given at serve time only removes configs, so the
+    mean can only fall below the budget. Deterministic; the model's train/eval mode is left as
+    it was.
     """
     fractions = model.flops_fractions
-    if max_flops is not None:
-        max_flops = check_budget(max_flops, "max_flops")
-        RoutingPenalty(0.0, max_flops).vector(fractions)  # a cap below every config fails here
     smallest = min(fractions)
     chosen = resolve_budgets(budgets, smallest)
     logits = router_logits(model, data, split, batch_size)
-    calibrated = [(budget, *calibrate_lambda(logits, fractions, budget, max_flops))
-                  for budget in chosen]
+    calibrated = [(budget, *calibrate_lambda(logits, fractions, budget)) for budget in chosen]
     ndcg: dict[float, float] = {}
     for _, lam, _ in calibrated:
         if lam not in ndcg:  # budgets whose routing is the same need one evaluation
             metrics = evaluate(
                 model, data, split, ks=(10,), exclude_history=exclude_history,
-                batch_size=batch_size, penalty=RoutingPenalty(lam, max_flops),
+                batch_size=batch_size, penalty=RoutingPenalty(lam),
             )
             ndcg[lam] = metrics["metrics"]["ndcg@10"]
     points = tuple(BudgetPoint(budget, lam, achieved, ndcg[lam])
                    for budget, lam, achieved in calibrated)
     return BudgetTable(
-        points, smallest, smallest_penalty(logits, fractions, max_flops), split,
+        points, smallest, smallest_penalty(logits, fractions), split,
         int(logits.shape[0]),
     )
 

@@ -342,8 +342,8 @@ def lock_run_dir(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
             except BlockingIOError:
                 os.close(fd)
                 raise CheckpointError(
-                    f"{run_dir} is in use by {_lock_holder(run_dir / LOCK_FILE)}: another "
-                    "`canet train` writes there; wait for it or use another --out"
+                    f"{run_dir} is in use by {_lock_holder(run_dir / LOCK_FILE)}: another canet "
+                    "process (train or calibrate) writes there; wait for it to finish"
                 ) from None
             except BaseException:
                 os.close(fd)

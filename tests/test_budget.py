@@ -67,6 +67,41 @@ def cost_at(logits, fractions, lam, cap=None):
     return sum(fractions[i] for i in ids) / len(ids)
 
 
+def routing_interval(logits, fractions, lam, cap=None):
+    """The open range ``(below, above)`` of penalties around ``lam`` that route every user as
+    ``lam`` does, from the brute-force ties: a user on config c changes at the nearest
+    ``(l_c - l_j) / (f_c - f_j)`` of an allowed j, above ``lam`` toward a cheaper j, below it
+    toward a dearer one. ``below`` is 0 and ``above`` inf where no user changes."""
+    ids = brute_force(logits, fractions, lam, cap)
+    below, above = 0.0, math.inf
+    for row, c in zip(logits.double().tolist(), ids, strict=True):
+        for j, (x, f) in enumerate(zip(row, fractions, strict=True)):
+            if j == c or f == fractions[c] or (cap is not None and f > cap):
+                continue
+            tie = (row[c] - x) / (fractions[c] - f)
+            if f < fractions[c] and tie > lam:
+                above = min(above, tie)
+            elif f > fractions[c] and 0 <= tie < lam:
+                below = max(below, tie)
+    return below, above
+
+
+def assert_calibrated(logits, fractions, budget, lam, achieved, cap=None):
+    """``lam`` (from calibrate_lambda) keeps ``budget``, routes as the smallest penalty that
+    fits it, and sits in the middle of its routing's range: no user is near a tie."""
+    assert achieved <= budget
+    assert achieved == pytest.approx(cost_at(logits, fractions, lam, cap), abs=1e-12)
+    below, above = routing_interval(logits, fractions, lam, cap)
+    if lam == 0.0:
+        return
+    assert below < lam < above
+    if math.isfinite(above):
+        assert lam == pytest.approx((below + above) / 2, rel=1e-9)
+    # Minimal: every smaller penalty that routes differently no longer fits the budget.
+    assert below > 0, "a penalty was used where the router's own routing was in range"
+    assert cost_at(logits, fractions, below * (1 - 1e-9), cap) > budget
+
+
 def one_line_budget_error(excinfo, *needles):
     error = excinfo.value
     assert isinstance(error, BudgetError)
@@ -210,7 +245,7 @@ def own_fraction(logits, fractions, cap=None):
     return cost_at(logits, fractions, 0.0, cap)
 
 
-def test_calibration_keeps_budgets_is_monotone_and_minimal(calibration_logits):
+def test_calibration_keeps_budgets_is_monotone_minimal_and_away_from_ties(calibration_logits):
     logits = calibration_logits
     own = own_fraction(logits, FRACTIONS)
     smallest = min(FRACTIONS)
@@ -220,17 +255,26 @@ def test_calibration_keeps_budgets_is_monotone_and_minimal(calibration_logits):
     budgets = sorted([smallest + (own - smallest) * u for u in draws] + [smallest, own - 1e-9])
     results = [calibrate_lambda(logits, FRACTIONS, b) for b in budgets]
     for budget, (lam, achieved) in zip(budgets, results, strict=True):
-        assert lam >= 0.0 and achieved <= budget
-        # the achieved fraction is that of routing the users at lam
-        assert achieved == pytest.approx(cost_at(logits, FRACTIONS, lam), abs=1e-12)
-        if lam > 0:  # minimal: a slightly smaller penalty no longer fits the budget
-            assert cost_at(logits, FRACTIONS, lam * (1 - 1e-6)) > budget
+        assert_calibrated(logits, FRACTIONS, budget, lam, achieved)
     lams = [lam for lam, _ in results]
     achieved = [a for _, a in results]
     assert all(a >= b for a, b in zip(lams, lams[1:], strict=False))  # larger budget: smaller lam
     assert all(a <= b for a, b in zip(achieved, achieved[1:], strict=False))
     assert lams[-1] > 0 and len(set(lams)) > 5
     assert calibrate_lambda(logits, FRACTIONS, budgets[5]) == results[5]  # deterministic
+
+
+def test_calibrated_budget_survives_logits_off_by_rounding(calibration_logits):
+    """Reviewer's case: at the bisection's own penalty one user sits on a tie, so router logits
+    one ulp away (another backend, another batch) moved it back over the budget."""
+    logits = calibration_logits
+    own = own_fraction(logits, FRACTIONS)
+    for budget in (0.15, 0.2, (own + min(FRACTIONS)) / 2):
+        lam, _ = calibrate_lambda(logits, FRACTIONS, budget)
+        want = brute_force(logits, FRACTIONS, lam)
+        for sign in (1, -1):
+            nudged = logits.double() * (1 + sign * 1e-7)  # ~ a float32 ulp of every logit
+            assert brute_force(nudged, FRACTIONS, lam) == want
 
 
 def test_calibration_of_a_budget_the_router_fits_is_lambda_zero(calibration_logits):
@@ -244,10 +288,11 @@ def test_calibration_of_one_user():
     logits = torch.tensor([[0.0, 2.0, 1.0]])
     fractions = [0.2, 1.0, 0.5]
     lam, achieved = calibrate_lambda(logits, fractions, 0.6)
-    # exact crossover of configs 1 and 2: 2 - lam = 1 - 0.5 lam -> lam = 2
-    assert achieved == 0.5 and lam == pytest.approx(2.0, rel=1e-6)
+    # config 1 -> 2 at 2 - lam = 1 - 0.5 lam (lam = 2), 2 -> 0 at 1 - 0.5 lam = -0.2 lam
+    # (lam = 10/3): config 2's range is (2, 10/3), and its middle is taken
+    assert achieved == 0.5 and lam == pytest.approx(8 / 3, rel=1e-9)
     lam, achieved = calibrate_lambda(logits, fractions, 0.2)
-    assert achieved == 0.2 and lam == pytest.approx(10 / 3, rel=1e-6)  # 1 - 0.5 lam = -0.2 lam
+    assert achieved == 0.2 and lam == pytest.approx(20 / 3, rel=1e-9)  # no further move: 2x
 
 
 def test_calibration_below_the_smallest_is_refused_naming_it(calibration_logits):
@@ -282,8 +327,7 @@ def test_calibration_with_a_cap(calibration_logits, cap):
         vector = RoutingPenalty(lam, cap).vector(FRACTIONS)
         ids = route_with_penalty(logits, vector)
         assert max(FRACTIONS[i] for i in ids.tolist()) <= cap
-        if lam > 0:
-            assert cost_at(logits, FRACTIONS, lam * (1 - 1e-6), cap) > budget
+        assert_calibrated(logits, FRACTIONS, budget, lam, achieved, cap)
         previous = lam
 
 
@@ -308,39 +352,45 @@ def test_table_identity_and_cap():
     assert table.penalty(0.45, 0.5) == RoutingPenalty(1.5, 0.5)
 
 
-def test_table_interpolates_between_points_and_never_raises_lambda():
-    table = small_table()
+def test_table_between_points_takes_the_largest_routing_that_fits():
+    table = small_table()  # achieved 0.19, 0.44, 0.52 at budgets 0.2, 0.45, 0.7
     for point in table.points:
         assert table.penalty(point.budget).lam == point.lam
-    assert table.penalty(0.099).lam == 64.0
-    assert 1.5 < table.penalty(0.3).lam < 6.0
-    assert 6.0 < table.penalty(0.15).lam < 64.0
+    assert table.penalty(0.099).lam == 64.0  # nothing calibrated fits: all on the cheapest
+    assert table.penalty(0.15).lam == 64.0
+    assert table.penalty(0.19).lam == 6.0 and table.penalty(0.3).lam == 6.0
+    assert table.penalty(0.44).lam == 1.5 and table.penalty(0.5).lam == 1.5
+    assert table.penalty(0.52).lam == 0.0  # the 0.7 point's routing (the router's) fits
     assert table.penalty(0.9).lam == 0.0
     grid = [0.099 + i * (1 - 0.099) / 97 for i in range(98)]
     lams = [table.penalty(b).lam for b in grid]
     assert all(a >= b for a, b in zip(lams, lams[1:], strict=False))
 
 
-def test_calibrated_table_interpolation_lies_between_its_points(calibration_logits):
-    """A budget between two calibrated ones routes the calibration users to a mean fraction
-    between theirs."""
+def test_calibrated_table_keeps_budgets_between_its_points(calibration_logits):
+    """A budget between two calibrated ones keeps the calibration users at or under it: it
+    routes as the largest calibrated routing that fits (reviewer's case: interpolated lambdas
+    overshot, by 2x where many users sit near one threshold)."""
     logits = calibration_logits
     smallest = min(FRACTIONS)
-    budgets = (0.13, 0.2, 0.3)
+    budgets = (0.13, 0.2, 0.3, 1.0)
     points = []
     for budget in budgets:
         lam, achieved = calibrate_lambda(logits, FRACTIONS, budget)
         points.append(BudgetPoint(budget, lam, achieved))
     lam_smallest, _ = calibrate_lambda(logits, FRACTIONS, smallest)
     table = BudgetTable(tuple(points), smallest, lam_smallest, num_users=logits.shape[0])
-    for (low, high) in zip(points, points[1:], strict=False):
-        assert low.lam > high.lam  # the test needs distinct points
-        for share in (0.25, 0.5, 0.9):
-            budget = low.budget + share * (high.budget - low.budget)
-            penalty = table.penalty(budget)
-            assert high.lam <= penalty.lam <= low.lam
-            achieved = cost_at(logits, FRACTIONS, penalty.lam)
-            assert low.flops_fraction <= achieved <= high.flops_fraction
+    assert len({p.lam for p in points}) == len(points)  # the test needs distinct points
+    grid = [smallest + i * (1 - smallest) / 200 for i in range(201)]
+    achieved = []
+    for budget in grid:
+        penalty = table.penalty(budget)
+        achieved.append(cost_at(logits, FRACTIONS, penalty.lam))
+        assert achieved[-1] <= budget + 1e-12
+        fitting = [p for p in points if p.flops_fraction <= budget]
+        assert achieved[-1] == pytest.approx(
+            max(p.flops_fraction for p in fitting) if fitting else smallest, abs=1e-12)
+    assert all(a <= b for a, b in zip(achieved, achieved[1:], strict=False))
 
 
 def test_table_refuses_below_its_smallest_fraction_naming_it():

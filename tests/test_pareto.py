@@ -333,6 +333,28 @@ def test_cli_default_out_and_budgets(trained, capsys, monkeypatch) -> None:
     assert report["split"] == "valid" and report["backend"] == "torch"
 
 
+def test_cli_given_best_writes_into_the_run_directory(trained, capsys, monkeypatch) -> None:
+    """A checkpoint directory holds its listed files only (the next calibration rebuilds it):
+    the report of RUN/best goes to RUN/pareto-<split>/."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    run, log = trained["run"], str(trained["log"])
+    target = run / "pareto-valid" / "pareto.json"
+    target.unlink(missing_ok=True)
+    assert cli.main(["pareto", str(run / "best"), "--data", log, "--split", "valid",
+                     "--shuffles", "1", "--budgets", "1", "--backend", "torch"]) == 0
+    capsys.readouterr()
+    assert json.loads(target.read_text())["split"] == "valid"
+    assert not (run / "best" / "pareto-valid").exists()
+
+
+def test_cli_unwritable_out_fails_before_evaluating(trained, capsys, tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    message = _fail(capsys, ["pareto", str(trained["run"]), "--data", str(trained["log"]),
+                             "--out", str(blocker / "out")])
+    assert str(blocker) in message  # one line: no evaluation's progress came before it
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["--budgets", "0"], "got '0'"),
     (["--budgets", "1.5"], "got '1.5'"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..budget import check_budget
 from ..calibrate import resolve_budgets
@@ -16,6 +17,7 @@ __all__ = [
     "budget_options",
     "describe_budget",
     "load_run_data",
+    "output_dir",
     "parse_budget_list",
 ]
 
@@ -79,3 +81,16 @@ def load_run_data(
         print(f"canet: warning: {path}: {changed}; these metrics are of another split",
               file=sys.stderr)
     return data
+
+
+def output_dir(run_dir: str, loaded: Checkpoint) -> Path:
+    """Where a command writes its default output for the ``run_dir`` argument: the run
+    directory itself, also when a run's ``best/`` or ``last/`` was named (a checkpoint
+    directory holds its listed files only: the next save or calibration rebuilds it without
+    anything else), else the standalone checkpoint directory that was loaded."""
+    path = Path(run_dir)
+    if (path / "best").exists() or (path / "last").exists():
+        return path
+    if loaded.path.name in ("best", "last") and (loaded.path.parent / "config.yaml").exists():
+        return loaded.path.parent
+    return loaded.path

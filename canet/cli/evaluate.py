@@ -12,14 +12,19 @@ budget (the run's calibration table, :mod:`canet.budget`) and a per-user cap.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..budget import check_routed
 from ..checkpoint import load_checkpoint
 from ..engine import routing_penalty
 from ..errors import CanetError
 from ..evaluate import evaluate, format_histogram
-from .common import add_budget_arguments, budget_options, describe_budget, load_run_data
+from .common import (
+    add_budget_arguments,
+    budget_options,
+    describe_budget,
+    load_run_data,
+    output_dir,
+)
 from .output import write_metrics, write_ranks
 
 __all__ = ["add_arguments", "run"]
@@ -80,10 +85,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         penalty=penalty,
     )
     if budgeted:
-        metrics["routing"]["budget"] = {"budget": budget, "max_flops": max_flops}
+        metrics["routing"]["budget"] = {"budget": budget, "max_flops": max_flops,
+                                        "lam": 0.0 if penalty is None else penalty.lam}
     metrics["checkpoint"] = str(loaded.path)
     per_user = metrics.pop("per_user", None)
-    run_dir = Path(args.run_dir)
     name = "metrics" + ("" if args.split == "test" else f"_{args.split}")
     if budget is not None:
         name += f"_budget-{budget:g}"
@@ -92,8 +97,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.shuffle_routing is not None:
         name += f"_shuffled-routing-{args.shuffle_routing}"
     name += ".json"
-    default = (run_dir if (run_dir / "best").exists() or (run_dir / "last").exists()
-               else loaded.path) / name
+    default = output_dir(args.run_dir, loaded) / name
     output = write_metrics(metrics, args.output or default)
     for name, value in metrics["metrics"].items():
         print(f"{name:>10} {value:.4f}  (s.e. {metrics['standard_errors'][name]:.4f})")

@@ -10,6 +10,7 @@ with paired comparisons. Writes ``pareto.json``, ``pareto.md`` and (with matplot
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from ..budget import check_routed
 from ..checkpoint import load_checkpoint
 from ..errors import CanetError
 from ..pareto import AgainstRun, check_budgets, pareto_report, write_report
-from .common import load_run_data, parse_budget_list
+from .common import load_run_data, output_dir, parse_budget_list
 
 __all__ = ["add_arguments", "run"]
 
@@ -72,13 +73,18 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             raise CanetError(f"--against {other_dir}: {error}") from None
         against.append(AgainstRun(other_dir, other.model,
                                   other.config.fixed_config_id(other.model.space), other_data))
+    out = Path(args.out) if args.out else (
+        output_dir(args.run_dir, loaded) / f"pareto-{args.split}")
+    # Before the minutes of evaluation: an output that cannot be written fails now.
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CanetError(f"{out}: output directory is not writable")
     report = pareto_report(
         loaded.model, data, table, split=args.split, budgets=budgets, shuffles=args.shuffles,
         against=against, backend=args.backend, batch_size=args.batch_size,
         ks=tuple(config.ks), exclude_history=config.exclude_history,
         run={"path": args.run_dir, "checkpoint": str(loaded.path), "data": args.data},
     )
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"pareto-{args.split}"
     report["command"] = _command_line(args, budgets)
     for line in _summary(report):
         print(line)
