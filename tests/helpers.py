@@ -119,3 +119,18 @@ def write_csv_log(path: Path, users: int = 40, items: int = 20, seed: int = 0) -
     path.write_text("user_id,item_id,timestamp\n"
                     + "".join(f"{u},{i},{int(t)}\n" for u, i, t in rows))
     return path
+
+
+def cli_fails(capsys, argv) -> str:
+    """Run ``canet argv`` in process; it must fail as every user error does: exit status 2,
+    one stderr line ``canet: error: ...``, no traceback. Returns that line."""
+    from canet import cli
+
+    capsys.readouterr()  # drop what earlier steps printed
+    status = cli.main(argv)
+    captured = capsys.readouterr()
+    assert status == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("canet: error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]

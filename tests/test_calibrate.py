@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_model, write_csv_log  # tests/ is on sys.path
+from helpers import cli_fails, make_model, write_csv_log  # tests/ is on sys.path
 
 import canet.calibrate as calibrate_module
 from canet import Engine, Recommender, backends, cli
@@ -327,11 +327,11 @@ def test_a_checkpoint_from_before_calibration_loads_and_refuses_budgets(tmp_path
     assert Recommender.from_pretrained(FIXTURE, backend="torch", budget=1.0).engine.penalty is None
     capped = Recommender.from_pretrained(FIXTURE, backend="torch", max_flops=0.5)
     assert capped.engine.penalty == RoutingPenalty(0.0, 0.5)
-    message = _fail(capsys, ["evaluate", str(FIXTURE), "--data", str(tmp_path / "log.csv"),
+    message = cli_fails(capsys, ["evaluate", str(FIXTURE), "--data", str(tmp_path / "log.csv"),
                              "--budget", "0.3"])
     assert "run `canet calibrate" in message
     (tmp_path / "h.json").write_text(json.dumps({"a": ["50", "172"]}))
-    message = _fail(capsys, ["recommend", str(FIXTURE), "--input", str(tmp_path / "h.json"),
+    message = cli_fails(capsys, ["recommend", str(FIXTURE), "--input", str(tmp_path / "h.json"),
                              "--output", str(tmp_path / "out.csv"), "--budget", "0.3"])
     assert "run `canet calibrate" in message
     assert not (tmp_path / "out.csv").exists()
@@ -339,16 +339,6 @@ def test_a_checkpoint_from_before_calibration_loads_and_refuses_budgets(tmp_path
 
 # -- training, the command line, Recommender ------------------------------------------------
 
-
-def _fail(capsys, argv) -> str:
-    capsys.readouterr()
-    status = cli.main(argv)
-    captured = capsys.readouterr()
-    assert status == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("canet: error: "), captured.err
-    assert "Traceback" not in captured.err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -451,7 +441,7 @@ def test_a_fixed_config_run_has_nothing_to_calibrate(run, tmp_path, capsys) -> N
     for argv in (["calibrate", str(tmp_path / "fixed"), "--data", str(run["log"])],
                  ["evaluate", str(tmp_path / "fixed"), "--data", str(run["log"]),
                   "--budget", "0.5"]):
-        assert "fixed-config run" in _fail(capsys, argv)
+        assert "fixed-config run" in cli_fails(capsys, argv)
     with pytest.raises(BudgetError, match="fixed-config run"):
         Recommender.from_pretrained(tmp_path / "fixed", backend="torch", max_flops=0.5)
 
@@ -473,7 +463,7 @@ def test_writing_is_refused_while_another_process_holds_the_run(run, tmp_path, c
         before = (copy / "best" / STATE_FILE).read_bytes()
         with pytest.raises(CheckpointError, match=f"in use by pid {holder.pid}"):
             write_calibration(copy / "best", table)
-        message = _fail(capsys, ["calibrate", str(copy), "--data", str(run["log"])])
+        message = cli_fails(capsys, ["calibrate", str(copy), "--data", str(run["log"])])
         assert f"in use by pid {holder.pid}" in message
         assert (copy / "best" / STATE_FILE).read_bytes() == before
     finally:

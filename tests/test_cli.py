@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_csv_log as _write_log  # tests/ is on sys.path
+from helpers import cli_fails  # tests/ is on sys.path
+from helpers import write_csv_log as _write_log
 
 from canet import cli
 
@@ -23,15 +24,6 @@ TINY_ARGS = ["--max-len", "8", "--depths=[1,2]", "--hidden=[8,16]", "--emb=[8,16
              "--heads", "2", "--router-dim", "8", "--router-heads", "2", "--epochs", "1",
              "--batch-size", "32", "--progress", "false", "--threads", "1"]
 
-
-def _fail(capsys, argv) -> str:
-    status = cli.main(argv)
-    captured = capsys.readouterr()
-    assert status == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("canet: error: "), captured.err
-    assert "Traceback" not in captured.err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +67,20 @@ def test_subprocess_missing_file_and_unknown_key(tmp_path) -> None:
 def test_bad_data_files(tmp_path, capsys, name, content, expected) -> None:
     path = tmp_path / name
     path.write_text(content)
-    message = _fail(capsys, ["train", "--data", str(path), "--out", str(tmp_path / "r")])
+    message = cli_fails(capsys, ["train", "--data", str(path), "--out", str(tmp_path / "r")])
     assert str(path) in message and expected in message
 
 
 def test_bad_config_values(tmp_path, capsys) -> None:
     log = _write_log(tmp_path / "log.csv")
     base = ["train", "--data", str(log), "--out", str(tmp_path / "r")]
-    assert "fixed_config id must be in [0, 35]" in _fail(capsys, [*base, "--fixed-config", "99"])
-    assert "'epochs' expects int" in _fail(capsys, [*base, "--epochs=many"])
+    message = cli_fails(capsys, [*base, "--fixed-config", "99"])
+    assert "fixed_config id must be in [0, 35]" in message
+    assert "'epochs' expects int" in cli_fails(capsys, [*base, "--epochs=many"])
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("epochs: 2\nbogus: 1\n")
-    assert f"{cfg}: unknown config key(s) 'bogus'" in _fail(capsys, [*base, "--config", str(cfg)])
+    message = cli_fails(capsys, [*base, "--config", str(cfg)])
+    assert f"{cfg}: unknown config key(s) 'bogus'" in message
 
 
 @pytest.mark.parametrize("device", ["cuda", "meta", "nonsense"])
@@ -94,7 +88,7 @@ def test_bad_device_is_refused_before_anything_is_created(tmp_path, capsys, devi
     if device == "cuda" and __import__("torch").cuda.is_available():
         pytest.skip("needs a machine without CUDA")
     log = _write_log(tmp_path / "log.csv")
-    message = _fail(capsys, ["train", "--data", str(log), "--out", str(tmp_path / "r"),
+    message = cli_fails(capsys, ["train", "--data", str(log), "--out", str(tmp_path / "r"),
                              "--device", device])
     assert f"'{device}'" in message
     assert not (tmp_path / "r").exists()
@@ -106,7 +100,7 @@ def test_bad_checkpoints(trained, tmp_path, capsys) -> None:
     shutil.copytree(root / "run" / "best", broken)
     (broken / "optimizer.pt").unlink()
     (broken / "vocab.json").unlink()
-    message = _fail(capsys, ["evaluate", str(broken), "--data", str(log)])
+    message = cli_fails(capsys, ["evaluate", str(broken), "--data", str(log)])
     assert f"{broken / 'vocab.json'}: missing" in message
     # A model.safetensors from another model dropped into this checkpoint.
     other_log = _write_log(tmp_path / "other.csv", users=30, items=25, seed=5)
@@ -116,18 +110,18 @@ def test_bad_checkpoints(trained, tmp_path, capsys) -> None:
     mixed = tmp_path / "mixed"
     shutil.copytree(root / "run" / "best", mixed)
     shutil.copy(tmp_path / "other" / "best" / "model.safetensors", mixed / "model.safetensors")
-    message = _fail(capsys, ["evaluate", str(mixed), "--data", str(log)])
+    message = cli_fails(capsys, ["evaluate", str(mixed), "--data", str(log)])
     assert str(mixed / "model.safetensors") in message and "num_items" in message
     # Evaluating on data the model was not trained on.
-    message = _fail(capsys, ["evaluate", str(root / "run"), "--data", str(other_log)])
+    message = cli_fails(capsys, ["evaluate", str(root / "run"), "--data", str(other_log)])
     assert str(other_log) in message
-    assert "not found" in _fail(capsys, ["recommend", str(tmp_path / "nowhere"), "--input",
+    assert "not found" in cli_fails(capsys, ["recommend", str(tmp_path / "nowhere"), "--input",
                                          str(log), "--output", str(tmp_path / "o.csv")])
 
 
 def test_usage_errors_are_one_line_too(capsys) -> None:
-    assert "required: --data" in _fail(capsys, ["train", "--out", "x"])
-    assert "invalid choice" in _fail(capsys, ["frobnicate"])
+    assert "required: --data" in cli_fails(capsys, ["train", "--out", "x"])
+    assert "invalid choice" in cli_fails(capsys, ["frobnicate"])
 
 
 def test_evaluate_model_and_engine_agree(trained, tmp_path, capsys) -> None:
@@ -196,16 +190,16 @@ def test_recommend_never_overwrites_silently(trained, tmp_path, capsys) -> None:
     # Output == input: refused always, --overwrite too, also through another spelling/a link.
     for spelled in (histories, tmp_path / "." / "h.json"):
         for extra in ([], ["--overwrite"]):
-            message = _fail(capsys, [*base, "--output", str(spelled), *extra])
+            message = cli_fails(capsys, [*base, "--output", str(spelled), *extra])
             assert "is the --input file" in message
     link = tmp_path / "link.json"
     link.symlink_to(histories)
-    assert "is the --input file" in _fail(capsys, [*base, "--output", str(link), "--overwrite"])
+    assert "is the --input file" in cli_fails(capsys, [*base, "--output", str(link), "--overwrite"])
     assert histories.read_bytes() == before
     # An existing output: refused without --overwrite, replaced with it.
     output = tmp_path / "recs.csv"
     output.write_text("keep me\n")
-    message = _fail(capsys, [*base, "--output", str(output)])
+    message = cli_fails(capsys, [*base, "--output", str(output)])
     assert message == f"canet: error: {output}: already exists; pass --overwrite to replace it"
     assert output.read_text() == "keep me\n"
     assert cli.main([*base, "--output", str(output), "--overwrite"]) == 0
@@ -219,9 +213,11 @@ def test_resume_through_the_cli(trained, tmp_path, capsys) -> None:
     assert cli.main(["train", "--data", str(log), "--resume", str(run), "--epochs", "2",
                      "--no-test"]) == 0
     assert "resumed" in capsys.readouterr().out
-    message = _fail(capsys, ["train", "--data", str(log), "--resume", str(run), "--hidden=[8,32]"])
+    message = cli_fails(
+        capsys, ["train", "--data", str(log), "--resume", str(run), "--hidden=[8,32]"]
+    )
     assert "changed architecture" in message and "hidden" in message
-    assert "already holds a training run" in _fail(
+    assert "already holds a training run" in cli_fails(
         capsys, ["train", "--data", str(log), "--out", str(run), *TINY_ARGS]
     )
 
@@ -253,7 +249,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys) -> None:
 def test_unwritable_output_is_a_one_line_error(tmp_path, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    message = _fail(capsys, ["demo", "--quick", "--out", str(blocker / "run")])
+    message = cli_fails(capsys, ["demo", "--quick", "--out", str(blocker / "run")])
     assert str(blocker) in message
 
 
@@ -287,29 +283,29 @@ def test_compare_two_rank_files(trained, tmp_path, capsys) -> None:
     other = tmp_path / "other.csv"
     with other.open("w", newline="") as handle:
         csv.writer(handle).writerows(rows[:-1])
-    assert "users differ" in _fail(capsys, ["compare", str(ranks), "--against", str(other)])
-    assert "users differ" in _fail(capsys, ["compare", str(ranks), str(other), "--against",
+    assert "users differ" in cli_fails(capsys, ["compare", str(ranks), "--against", str(other)])
+    assert "users differ" in cli_fails(capsys, ["compare", str(ranks), str(other), "--against",
                                             str(ranks)])
     moved = tmp_path / "moved.csv"
     with moved.open("w", newline="") as handle:
         csv.writer(handle).writerows([rows[0], [rows[1][0], "elsewhere", 1]] + rows[2:])
-    assert "has target 'elsewhere'" in _fail(capsys, ["compare", str(ranks), "--against",
+    assert "has target 'elsewhere'" in cli_fails(capsys, ["compare", str(ranks), "--against",
                                                       str(moved)])
     bad = tmp_path / "bad.csv"
     bad.write_text("user,item\n")
-    assert f"{bad}:1: expected the header" in _fail(capsys, ["compare", str(bad), "--against",
+    assert f"{bad}:1: expected the header" in cli_fails(capsys, ["compare", str(bad), "--against",
                                                              str(ranks)])
-    assert "no such file" in _fail(capsys, ["compare", str(tmp_path / "nope.csv"), "--against",
+    assert "no such file" in cli_fails(capsys, ["compare", str(tmp_path / "nope.csv"), "--against",
                                             str(ranks)])
-    assert "metric must be one of" in _fail(capsys, ["compare", str(ranks), "--against",
+    assert "metric must be one of" in cli_fails(capsys, ["compare", str(ranks), "--against",
                                                      str(ranks), "--metric", "auc"])
-    assert "--against" in _fail(capsys, ["compare", str(ranks)])
+    assert "--against" in cli_fails(capsys, ["compare", str(ranks)])
     # A non-UTF-8 file is named (before: a bare UnicodeDecodeError message).
     latin = tmp_path / "latin.csv"
     latin.write_bytes(b"user_id,item_id,rank\n1,\xe9t\xe9,3\n")
-    message = _fail(capsys, ["compare", str(latin), "--against", str(ranks)])
+    message = cli_fails(capsys, ["compare", str(latin), "--against", str(ranks)])
     assert f"{latin}: not UTF-8 text (byte 0xe9)" in message
-    assert f"{tmp_path}: cannot read" in _fail(capsys, ["compare", str(tmp_path), "--against",
+    assert f"{tmp_path}: cannot read" in cli_fails(capsys, ["compare", str(tmp_path), "--against",
                                                         str(ranks)])
 
 

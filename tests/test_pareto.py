@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import write_csv_log  # tests/ is on sys.path
+from helpers import cli_fails, write_csv_log  # tests/ is on sys.path
 
 from canet import cli
 from canet.budget import BudgetError
@@ -286,14 +286,6 @@ def runs(trained):
     }
 
 
-def _fail(capsys, argv) -> str:
-    status = cli.main(argv)
-    captured = capsys.readouterr()
-    assert status == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("canet: error: "), captured.err
-    return lines[0]
-
 
 def test_cli_writes_the_report(trained, runs, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -350,7 +342,7 @@ def test_cli_given_best_writes_into_the_run_directory(trained, capsys, monkeypat
 def test_cli_unwritable_out_fails_before_evaluating(trained, capsys, tmp_path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    message = _fail(capsys, ["pareto", str(trained["run"]), "--data", str(trained["log"]),
+    message = cli_fails(capsys, ["pareto", str(trained["run"]), "--data", str(trained["log"]),
                              "--out", str(blocker / "out")])
     assert str(blocker) in message  # one line: no evaluation's progress came before it
 
@@ -370,7 +362,7 @@ def test_cli_unwritable_out_fails_before_evaluating(trained, capsys, tmp_path) -
 ])
 def test_cli_bad_input(trained, runs, capsys, tmp_path, args, expected) -> None:
     args = [a.format(**{k: str(v) for k, v in runs.items()}) for a in args]
-    message = _fail(capsys, ["pareto", str(trained["run"]), "--data", str(trained["log"]),
+    message = cli_fails(capsys, ["pareto", str(trained["run"]), "--data", str(trained["log"]),
                              "--out", str(tmp_path / "out"), *args])
     assert expected in message
     if "--against" in args:  # the message names the run that was refused
@@ -380,9 +372,9 @@ def test_cli_bad_input(trained, runs, capsys, tmp_path, args, expected) -> None:
 
 def test_cli_refuses_a_fixed_config_run_and_a_run_without_table(trained, runs, capsys) -> None:
     log = str(trained["log"])
-    message = _fail(capsys, ["pareto", str(runs["fixed"]), "--data", log])
+    message = cli_fails(capsys, ["pareto", str(runs["fixed"]), "--data", log])
     assert "a Pareto report does not apply to a fixed-config run" in message
     run, log = str(runs["other_seed"]), str(trained["root"] / "other-seed.csv")
-    message = _fail(capsys, ["pareto", run, "--data", log])
+    message = cli_fails(capsys, ["pareto", run, "--data", log])
     assert message == (f"canet: error: {run} has no calibration table: run `canet calibrate "
                        f"{run} --data {log}`")
