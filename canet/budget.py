@@ -46,6 +46,7 @@ __all__ = [
     "check_achievable",
     "check_budget",
     "check_routed",
+    "distinct_budgets",
     "flops_fractions",
     "mean_fraction",
     "route_with_penalty",
@@ -90,6 +91,21 @@ def check_budget(value: object, name: str = "budget") -> float:
         shown = repr(value[:40]) if isinstance(value, str) else str(value)[:40]
         raise BudgetError(f"{expected}, got {shown}")
     return number
+
+
+def distinct_budgets(
+    values: Sequence[object], name: str = "budgets", entry: str = "budget"
+) -> list[float]:
+    """``values`` as budgets, in their order: each checked by :func:`check_budget` (``entry``
+    names one in the message; ``{index}`` in it is replaced by its position), none twice
+    (BudgetError "``name`` must be distinct")."""
+    budgets: list[float] = []
+    for index, value in enumerate(values):
+        budget = check_budget(value, entry.format(index=index))
+        if budget in budgets:
+            raise BudgetError(f"{name} must be distinct, got {budget:g} twice")
+        budgets.append(budget)
+    return budgets
 
 
 def check_achievable(budget: float, smallest: float) -> None:
@@ -207,9 +223,7 @@ def calibrate_lambda(
         vector = RoutingPenalty(lam, max_flops).vector(fractions, logits.device)
         return mean_fraction(route_with_penalty(logits, vector), fractions)
 
-    allowed = [f for f in fractions if max_flops is None or f <= max_flops]
-    smallest = min(allowed) if allowed else min(fractions)
-    check_achievable(budget, smallest)
+    check_achievable(budget, _cheapest(fractions, max_flops))
     at_zero = cost(0.0)
     if at_zero <= budget:
         return 0.0, at_zero
@@ -261,6 +275,13 @@ def stable_penalty(
     return 2.0 * lam if math.isinf(following) else 0.5 * (lam + following)
 
 
+def _cheapest(fractions: Sequence[float], max_flops: float | None) -> float:
+    """The cheapest config's fraction among those the cap allows (all when none does: the
+    penalty vector refuses such a cap)."""
+    allowed = [f for f in fractions if max_flops is None or f <= max_flops]
+    return min(allowed) if allowed else min(fractions)
+
+
 def smallest_penalty(
     logits: Tensor, fractions: Sequence[float], max_flops: float | None = None
 ) -> float:
@@ -270,8 +291,7 @@ def smallest_penalty(
     The top of :func:`calibrate_lambda`'s bracket, and the table's lambda at its smallest
     achievable budget."""
     logits = logits.detach()
-    allowed = [f for f in fractions if max_flops is None or f <= max_flops]
-    cheapest = min(allowed) if allowed else min(fractions)
+    cheapest = _cheapest(fractions, max_flops)
     high = 1.0
     while high < 1e30:
         vector = RoutingPenalty(high, max_flops).vector(fractions, logits.device)

@@ -26,7 +26,7 @@ from .budget import (
     RoutingPenalty,
     calibrate_lambda,
     check_achievable,
-    check_budget,
+    distinct_budgets,
     smallest_penalty,
 )
 from .data import SequenceData
@@ -45,12 +45,7 @@ def resolve_budgets(budgets: Sequence[object], smallest: float) -> tuple[float, 
     rule: its budgets below ``smallest`` are left out silently (they fit no model in general).
     """
     default = tuple(budgets) == DEFAULT_BUDGETS
-    values: list[float] = []
-    for raw in budgets:
-        value = check_budget(raw)
-        if value in values:
-            raise BudgetError(f"budgets must be distinct, got {value:g} twice")
-        values.append(value)
+    values = distinct_budgets(budgets)
     if not default:
         for value in values:
             check_achievable(value, smallest)

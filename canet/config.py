@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from .budget import DEFAULT_BUDGETS, BudgetError, check_budget
+from .budget import DEFAULT_BUDGETS, BudgetError, check_budget, distinct_budgets
 from .engine import resolve_device
 from .errors import CanetError, ConfigError
 from .losses import LossWeights
@@ -233,13 +233,11 @@ class TrainConfig:
             raise ConfigError(f"ks must be a non-empty list of ints >= 1, got {short(self.ks)}")
         for index, k in enumerate(self.ks):
             _check_int(f"ks[{index}]", k, 1, COUNT_MAX, "")
-        for index, budget in enumerate(self.calibration_budgets):
-            try:
-                check_budget(budget, f"calibration_budgets[{index}]")
-            except BudgetError as error:
-                raise ConfigError(str(error)) from None
-            if budget in self.calibration_budgets[:index]:
-                raise ConfigError(f"calibration_budgets must be distinct, got {budget:g} twice")
+        try:
+            distinct_budgets(self.calibration_budgets, "calibration_budgets",
+                             "calibration_budgets[{index}]")
+        except BudgetError as error:
+            raise ConfigError(str(error)) from None
         try:
             resolve_device(self.device, check_available=False)
         except ValueError as error:

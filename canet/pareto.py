@@ -44,8 +44,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._io import write_bytes_atomic, write_text_atomic
-from .budget import BudgetError, BudgetTable, RoutingPenalty, check_budget
-from .calibrate import resolve_budgets
+from .budget import (
+    BudgetError,
+    BudgetTable,
+    RoutingPenalty,
+    check_achievable,
+    distinct_budgets,
+)
 from .data import SequenceData
 from .engine import Engine
 from .errors import CanetError
@@ -109,14 +114,12 @@ def verdict(low: float, high: float) -> str:
 
 def check_budgets(values: Sequence[object], table: BudgetTable) -> list[float]:
     """``values`` as budgets, in increasing order: each a number in (0, 1], none twice, none
-    below the table's smallest achievable budget (:func:`canet.calibrate.resolve_budgets`'s
-    checks, without its added 1.0). BudgetError (one line) otherwise."""
+    below the table's smallest achievable budget. BudgetError (one line) otherwise."""
     if not values:
         raise BudgetError("no budgets to evaluate: give at least one number in (0, 1]")
-    resolve_budgets(values, table.smallest_fraction)
-    budgets = sorted(check_budget(value) for value in values)
-    for budget in budgets:  # resolve_budgets passes DEFAULT_BUDGETS' too-small ones silently
-        table.penalty(budget)
+    budgets = sorted(distinct_budgets(values))
+    for budget in budgets:
+        check_achievable(budget, table.smallest_fraction)
     return budgets
 
 

@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..budget import check_budget
-from ..calibrate import resolve_budgets
+from ..budget import check_budget, distinct_budgets
 from ..checkpoint import Checkpoint, describe_data_change
 from ..data import SequenceData, load_dataset
 from ..errors import CanetError
@@ -54,9 +53,8 @@ def describe_budget(budget: float | None, max_flops: float | None) -> str:
 def parse_budget_list(text: str, option: str = "--budgets") -> list[float]:
     """``"0.1,0.2,0.5"`` -> [0.1, 0.2, 0.5]; every entry a number in (0, 1], none twice
     (BudgetError)."""
-    values = [check_budget(part.strip(), f"each {option} entry") for part in text.split(",")]
-    resolve_budgets(values, 0.0)  # the duplicate check (the model's floor comes later)
-    return values
+    return distinct_budgets([part.strip() for part in text.split(",")],
+                            entry=f"each {option} entry")
 
 
 def load_run_data(
