@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .budget import BudgetError, RoutingPenalty
 from .data import SequenceData
+from .distributed import Group
 from .engine import Engine
 from .errors import CanetError
 from .flops import batch_flops, flops, flops_router
@@ -54,6 +56,7 @@ def evaluate(
     shuffle_routing_seed: int | None = None,
     per_user: bool = False,
     penalty: RoutingPenalty | None = None,
+    group: Group | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``split`` of ``data`` as a JSON-able dict.
 
@@ -70,6 +73,10 @@ def evaluate(
     with ``per_user`` also ``per_user``: {"users", "targets", "ranks"}, int64 numpy arrays
     ``[U]`` of internal user ids, internal target item ids and 0-based target ranks, in
     ascending user order (for paired comparisons: :func:`canet.metrics.paired_difference`).
+
+    ``group`` (a distributed run, :mod:`canet.distributed`): each rank scores its contiguous
+    share of the users (none padded or repeated); the ranks' per-user ranks and routed configs
+    are gathered in user order and every rank returns exactly what one process returns.
     """
     check_model_data(model, data)
     space = model.space
@@ -87,6 +94,9 @@ def evaluate(
         raise CanetError("a routing penalty (budget) does not apply to a fixed config")
     if engine is not None and penalty is not None:
         raise CanetError("pass the routing penalty to the Engine, not to evaluate() with it")
+    if group is not None and shuffle_routing_seed is not None:
+        raise CanetError("shuffled routing deals the whole split's configs: evaluate it on one "
+                         "process, not sharded")
     if penalty is not None and penalty.is_identity:
         penalty = None  # the router's own argmax, reported as no penalty (as an Engine does)
     if engine is None and backend != "model":
@@ -95,8 +105,7 @@ def evaluate(
     model.eval()
     device = model.supernet.out.weight.device
     accumulator = MetricAccumulator(ks)
-    histogram = torch.zeros(space.n_configs, dtype=torch.int64)
-    collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     if engine is not None:
         route = engine.route
         penalty = engine.penalty
@@ -113,7 +122,11 @@ def evaluate(
                 generator = torch.Generator().manual_seed(shuffle_routing_seed)
                 dealt = routed[torch.randperm(len(routed), generator=generator).to(device)]
             start = 0
-            for users, seqs, targets in data.eval_batches(split, batch_size):
+            part = None
+            if group is not None:
+                total = len(data.eval_users(split))
+                part = distributed.share(total, group.rank, group.world_size)
+            for users, seqs, targets in data.eval_batches(split, batch_size, part):
                 seqs = seqs.to(device)
                 if fixed_config_id is not None:
                     config_ids = torch.full((seqs.shape[0],), fixed_config_id, device=device)
@@ -129,12 +142,21 @@ def evaluate(
                 if exclude_history:
                     scores = exclude_input(scores, seqs)
                 ranks = target_ranks(scores.float(), targets.to(device)).cpu()
-                accumulator.add(ranks)
-                if per_user:
-                    collected.append((users, targets, ranks))
-                histogram += torch.bincount(config_ids.cpu(), minlength=space.n_configs)
+                collected.append((users, targets, ranks, config_ids.cpu()))
     finally:
         model.train(was_training)
+    if collected:  # users, targets, ranks, routed configs: int64 [U] each
+        columns = [torch.cat(parts) for parts in zip(*collected, strict=True)]
+    else:  # no user here (a rank's share of fewer users than ranks)
+        columns = [torch.zeros(0, dtype=torch.int64) for _ in range(4)]
+    if group is not None:  # every rank gets every user's row, in user order
+        total = len(data.eval_users(split))
+        columns = [group.gather_shares(column, total) for column in columns]
+    users, targets, ranks, routed = columns
+    # Added in batch_size chunks as one process does: the same float64 sums, bit for bit.
+    for first in range(0, len(ranks), batch_size):
+        accumulator.add(ranks[first : first + batch_size])
+    histogram = torch.bincount(routed, minlength=space.n_configs)
     results = accumulator.compute()
     num_users = int(results.pop("num_users"))
     standard_errors = accumulator.standard_errors()
@@ -192,8 +214,8 @@ def evaluate(
         "backend": "model" if engine is None else engine.backend,
     }
     if per_user:
-        users, targets, ranks = (torch.cat(parts).numpy() for parts in zip(*collected, strict=True))
-        metrics["per_user"] = {"users": users, "targets": targets, "ranks": ranks}
+        metrics["per_user"] = {
+            "users": users.numpy(), "targets": targets.numpy(), "ranks": ranks.numpy()}
     return metrics
 
 

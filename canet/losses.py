@@ -26,6 +26,7 @@ is pulled back as well as overspending; a hinge would make the target a ceiling 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,9 @@ from torch import Tensor
 
 from .budget import flops_fractions
 from .space import RoutingSpace
+
+# Rows [B, ...] -> their mean over the batch [...] (see balance_loss).
+BatchMean = Callable[[Tensor], Tensor]
 
 __all__ = [
     "soft_labels",
@@ -130,11 +134,14 @@ def uniform_loss(router_logits: Tensor) -> Tensor:
     return -torch.log_softmax(router_logits, dim=-1).mean(-1).mean()
 
 
-def balance_loss(router_logits: Tensor) -> Tensor:
+def balance_loss(router_logits: Tensor, batch_mean: BatchMean | None = None) -> Tensor:
     """KL(batch-mean router distribution || uniform): 0 when the batch as a whole uses every
     config equally, log C when all users pick one config. Unlike L_uni it leaves each user's
-    own distribution free to be sharp. router_logits ``[B, C]`` -> scalar."""
-    mean = torch.softmax(router_logits, dim=-1).mean(0)
+    own distribution free to be sharp. router_logits ``[B, C]`` -> scalar. ``batch_mean``: how
+    to average over the batch (default ``rows.mean(0)``; a distributed step passes the mean
+    over the global batch, :func:`canet.distributed.batch_mean`)."""
+    probs = torch.softmax(router_logits, dim=-1)
+    mean = probs.mean(0) if batch_mean is None else batch_mean(probs)
     return (mean * (mean.clamp_min(1e-30) * mean.shape[0]).log()).sum()
 
 
@@ -150,14 +157,18 @@ def flops_fraction_table(
         return torch.tensor(flops_fractions(space, max_len, num_items), dtype=dtype, device=device)
 
 
-def flops_loss(router_logits: Tensor, fractions: Tensor, target: float) -> tuple[Tensor, Tensor]:
+def flops_loss(
+    router_logits: Tensor, fractions: Tensor, target: float, batch_mean: BatchMean | None = None
+) -> tuple[Tensor, Tensor]:
     """FLOPs-target penalty: router logits ``[B, C]``, fractions ``[C]`` (config FLOPs over the
     largest's, :func:`flops_fraction_table`), target in (0, 1] -> (penalty, expected), both
     float32 scalars: ``expected = mean_b sum_c softmax(logits_b)_c * fractions_c`` (the router's
     expected FLOPs fraction over the batch) and ``penalty = (expected - target)^2`` (squared:
-    pulls from both sides; see the module docstring). Its gradient is zero at the target."""
+    pulls from both sides; see the module docstring). Its gradient is zero at the target.
+    ``batch_mean``: as in :func:`balance_loss`."""
     probs = torch.softmax(router_logits.float(), dim=-1)
-    expected = (probs @ fractions.float()).mean()
+    per_user = probs @ fractions.float()
+    expected = per_user.mean() if batch_mean is None else batch_mean(per_user)
     return (expected - target).square(), expected
 
 

@@ -408,13 +408,21 @@ class Router(nn.Module):
 
 
 def gumbel_straight_through(
-    logits: Tensor, tau: float = 1.0, generator: torch.Generator | None = None
+    logits: Tensor,
+    tau: float = 1.0,
+    generator: torch.Generator | None = None,
+    exponential: Tensor | None = None,
 ) -> Tensor:
     """Gumbel-softmax with a straight-through one-hot. logits ``[B, C]`` -> ``[B, C]``: one-hot
-    values forward, the soft sample's gradient backward."""
+    values forward, the soft sample's gradient backward. The noise is ``-log E`` of standard
+    exponential draws ``E [B, C]``: drawn here from ``generator``, or given as ``exponential``
+    (a distributed step passes its rows of the global batch's draws, so that a sample's noise
+    does not depend on the rank that computes it)."""
     if tau <= 0:
         raise ValueError(f"Gumbel temperature must be > 0, got {tau}")
-    noise = torch.empty_like(logits).exponential_(generator=generator).log().neg()
+    if exponential is None:
+        exponential = torch.empty_like(logits).exponential_(generator=generator)
+    noise = exponential.log().neg()
     soft = torch.softmax((torch.log_softmax(logits, dim=-1) + noise) / tau, dim=-1)
     hard = F.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
     return hard - soft.detach() + soft

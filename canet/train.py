@@ -24,20 +24,26 @@ A CANet step (per batch of training windows ``seqs, targets [B, L]``)::
            # f_c = config c's FLOPs over the largest's (canet.budget.flops_fractions)
 
 With ``fixed_config`` the step is plain CE through ``logits_sliced(seqs, config)``.
+
+Under torchrun (``train(group=...)``, :mod:`canet.distributed`) each rank computes its share of
+each global batch's loss (:class:`StepShard`) inside DistributedDataParallel; the results are
+those of one process on the same global batches, except the dropout masks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import math
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +51,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .budget import BudgetTable
 from .calibrate import calibrate, format_point, resolve_budgets
 from .checks import check_sequences
@@ -54,6 +61,7 @@ from .config import (
     dump_config,
 )
 from .data import SequenceData
+from .distributed import Group
 from .errors import CanetError, CheckpointError
 from .evaluate import evaluate, format_histogram
 from .losses import (
@@ -78,6 +86,7 @@ __all__ = [
 ]
 
 Log = Callable[[str], None]
+_T = TypeVar("_T")
 
 
 class TrainingDivergedError(CanetError):
@@ -134,6 +143,7 @@ def step_loss(
     *,
     target_positions: Tensor | None = None,
     all_positions: bool = False,
+    shard: StepShard | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
     """Loss of one training batch. seqs, targets ``[B, L']`` int64 (0 = padding / no target);
     ``L' <= max_len``: a batch trimmed to its longest window keeps the window's last ``L'``
@@ -146,12 +156,18 @@ def step_loss(
     and benchmarks: logits ``[B, L', N+1]`` at every position, padding ignored by the loss.
     Both give the same loss (the mean over targeted positions) up to float rounding.
 
+    ``shard``: this rank's part of a distributed step (see :class:`StepShard`); the loss and
+    every logged part are then this rank's SHARE of the global batch's, so that they add up
+    over the ranks to what one process computes on the global batch, and so do the gradients.
+
     Returns (scalar loss, {part: detached 0-d tensor} for logging, sampled config ids ``[B]``
     or None). Nothing here reads a value back to the host.
     """
     if fixed_config_id is not None:
         hidden = model.supernet.hidden_sliced(seqs, model.space.configs[fixed_config_id])
         loss = _next_item(model, hidden, targets, target_positions, all_positions)
+        if shard is not None:
+            loss = loss * shard.target_scale
         return loss, {"next_item": loss.detach()}, None
     weights = config.loss_weights()
     if config.validate_router_input:
@@ -160,7 +176,9 @@ def step_loss(
     # under bf16 autocast (they are [B, C] small; their statistics are what the router learns).
     router_logits = model.router.logits_unchecked(seqs).float()
     with torch.autocast(seqs.device.type, enabled=False):
-        choice = gumbel_straight_through(router_logits, tau, noise)
+        choice = gumbel_straight_through(
+            router_logits, tau, noise, None if shard is None else shard.exponential
+        )
     hidden = model.supernet.hidden_masked(seqs, choice)
     ce = _next_item(model, hidden, targets, target_positions, all_positions)
     # Windows end at a real item, so the last target is always real (the guide needs it).
@@ -168,22 +186,60 @@ def step_loss(
     with torch.autocast(seqs.device.type, enabled=False):
         guide = guide_loss(router_logits, hits, model.space, weights)
         uniform = uniform_loss(router_logits)
+        if shard is not None:  # means over this rank's targets / windows -> shares of the global
+            ce = ce * shard.target_scale
+            guide, uniform = guide * shard.sample_scale, uniform * shard.sample_scale
         loss = ce + weights.guide * guide + weights.uniform * uniform
         parts = {"next_item": ce.detach(), "guide": guide.detach(), "uniform": uniform.detach()}
+        batch_mean = None if shard is None else shard.batch_mean()
         if weights.balance:
-            balance = balance_loss(router_logits)
+            balance = _share(balance_loss(router_logits, batch_mean), shard)
             loss = loss + weights.balance * balance
             parts["balance"] = balance.detach()
         if config.flops_target is not None:
             fractions = flops_fraction_table(
                 model.space, model.max_len, model.num_items, torch.float32, seqs.device
             )
-            penalty, expected = flops_loss(router_logits, fractions, config.flops_target)
+            penalty, expected = flops_loss(
+                router_logits, fractions, config.flops_target, batch_mean
+            )
+            penalty, expected = _share(penalty, shard), _share(expected, shard)
             loss = loss + config.flops_weight * penalty
             # "expected_flops" is logged, not optimised: the epoch's "loss" stays the sum above.
             parts["flops"] = penalty.detach()
             parts["expected_flops"] = expected.detach()
     return loss, parts, choice.detach().argmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class StepShard:
+    """This rank's part of the global batch of a distributed step (:mod:`canet.distributed`).
+
+    ``target_scale`` = (this share's targeted positions) / (the global batch's), and
+    ``sample_scale`` = (this share's windows) / (the global batch's): a mean over the share
+    times its scale is the share's part of the mean over the global batch. A rank whose share
+    of a batch is empty (a batch of fewer windows than ranks) runs the batch's first window with
+    both scales 0 (``weight`` 0): DDP needs the same forward and backward on every rank, and the
+    window adds nothing. ``exponential [b, C]``: the share's rows of the standard exponential
+    draws of the whole global batch (the Gumbel noise), so a window's noise is the same whatever
+    rank computes it."""
+
+    group: Group
+    samples: int  # windows in the global batch
+    rows: slice  # this share's rows of the global batch
+    target_scale: float
+    sample_scale: float
+    weight: float  # 1.0, or 0.0 for a rank with an empty share
+    exponential: Tensor | None = None  # set by the training loop, on the device
+
+    def batch_mean(self) -> Callable[[Tensor], Tensor]:
+        """The global batch's mean of per-window rows (for the batch-level loss terms)."""
+        return distributed.batch_mean(self.samples, self.weight)
+
+
+def _share(term: Tensor, shard: StepShard | None) -> Tensor:
+    """A batch-level term (the same on every rank) as this rank's share of it."""
+    return term if shard is None else distributed.replicated_share(term, shard.group.world_size)
 
 
 def _next_item(
@@ -239,18 +295,42 @@ class _DeviceSums:
     def histogram(self) -> list[int]:
         return self.sampled.tolist()
 
+    def reduce(self, group: Group) -> None:
+        """Sum the ranks' shares of the loss, its parts and the sampled histogram (the
+        gradient norm is already the same on every rank: it is not summed)."""
+        shares = torch.stack([self.loss, *self.parts.values()])
+        group.all_reduce_sum(shares)
+        self.loss = shares[0]
+        self.parts = dict(zip(self.parts, shares[1:], strict=True))
+        group.all_reduce_sum(self.sampled)
+
+
+class _Objective(torch.nn.Module):
+    """:func:`step_loss` as a module's forward (for DistributedDataParallel to wrap)."""
+
+    def __init__(self, model: CANet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+        return step_loss(self.model, *args, **kwargs)
+
 
 class _Run:
     """The mutable state of one training run (so resume can restore every piece of it)."""
 
-    def __init__(self, config: TrainConfig, data: SequenceData, run_dir: Path, log: Log) -> None:
+    def __init__(
+        self, config: TrainConfig, data: SequenceData, run_dir: Path, log: Log,
+        group: Group | None = None,
+    ) -> None:
         self.config = config
         self.data = data
         self.run_dir = run_dir
         self.log = log
+        self.group = group
         space = config.routing_space()
         self.fixed_id = config.fixed_config_id(space)
-        self.device = config.torch_device()
+        self.device = config.torch_device() if group is None else group.device
         random.seed(config.seed)
         np.random.seed(config.seed % 2**32)
         torch.manual_seed(config.seed)
@@ -259,6 +339,19 @@ class _Run:
             "noise": torch.Generator(device=self.device).manual_seed(config.seed + 1),
         }
         self.model = build_model(config, data.num_items).to(self.device)
+        self.step = _Objective(self.model)
+        if group is not None:
+            # DDP reduces the gradients of work done inside the forward of the module it wraps,
+            # so the whole loss is that module's forward. find_unused_parameters: a fixed-config
+            # step uses a slice of the supernet (the blocks past its depth get no gradient); a
+            # routed step runs every block under the masks, so each parameter gets a gradient
+            # (tested) and the per-step search of the graph for unused ones is skipped. Never
+            # static_graph: the used set differs between routed and fixed runs.
+            self.step = torch.nn.parallel.DistributedDataParallel(
+                self.step,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.fixed_id is not None,
+            )
         # The fused Adam (one kernel over all parameters) is about 4x faster than the foreach
         # one on CPU (measured: 7 vs 28 ms a step for the 7.6M-parameter model).
         self.optimizer = torch.optim.Adam(
@@ -290,6 +383,9 @@ class _Run:
             "skipped_steps": self.skipped_steps,
             "stopped_early": self.stopped_early,
             "history": self.history,
+            # How the run ran (last): the processes of a distributed run and their backend.
+            "world_size": 1 if self.group is None else self.group.world_size,
+            "backend": None if self.group is None else self.group.backend,
             "rng": rng_json,
             "data": self.data_identity,
         }
@@ -303,6 +399,8 @@ class _Run:
         }
 
     def save(self, name: str) -> None:
+        if self.group is not None and not self.group.is_main:
+            return  # rank 0 writes the run directory; every rank holds the same state
         ckpt.save_checkpoint(
             self.run_dir / name, self.model, self.config, self.data.vocab,
             self.trainer_state(), self.optimizer_state(),
@@ -337,14 +435,16 @@ class _Run:
         bar). ``reference``: the step as it was before issue 13, for benchmarks only (full
         ``max_len`` batches in the plain shuffled order, logits at every position, every
         gradient and logged value read back each step)."""
-        config, model = self.config, self.model
+        config, model, group = self.config, self.model, self.group
         model.train()
         tau = config.tau(self.epoch)
+        if group is not None:
+            # Each rank draws its own dropout masks (the one thing that depends on the world
+            # size), from a stream fixed by (seed, epoch, rank): a resumed run draws the same.
+            seed = np.random.SeedSequence([config.seed, self.epoch, group.rank]).generate_state(2)
+            torch.manual_seed(int(seed[0]) << 32 | int(seed[1]))
         total = self.data.num_train_batches(config.batch_size)
-        batches = self.data.train_batches(
-            config.batch_size, self.generators["data"], trim=not reference,
-            length_buckets=config.length_buckets and not reference,
-        )
+        batches = self._batches(reference)
         if max_steps is not None:
             batches = itertools.islice(batches, max_steps)
             total = min(total, max_steps)
@@ -355,24 +455,30 @@ class _Run:
         autocast = torch.autocast(
             device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"
         )
+        # DDP averages the ranks' gradients; each rank's loss is its share of the global loss,
+        # so the gradient of the global loss is the average times the world size.
+        world = 1 if group is None else group.world_size
         started = time.perf_counter()
         bar = tqdm(
             batches, total=total, desc=f"epoch {self.epoch + 1}/{config.epochs}",
-            disable=not config.progress, leave=False, dynamic_ncols=True,
+            disable=not (config.progress and (group is None or group.is_main)), leave=False,
+            dynamic_ncols=True,
         )
-        for seqs, targets in bar:
+        for seqs, targets, shard, batch_targets in bar:
             # Flat indices of the targeted positions, found on the host: no device sync.
             positions = targets.flatten().nonzero().squeeze(1)
             seqs, targets, positions = (
                 t.to(device, non_blocking=True) for t in (seqs, targets, positions)
             )
+            if shard is not None and self.fixed_id is None:
+                shard = self._draw_noise(shard)  # the global batch's Gumbel draws, on every rank
             with autocast:
-                loss, parts, chosen = step_loss(
-                    model, seqs, targets, config, tau, self.generators["noise"], self.fixed_id,
-                    target_positions=positions, all_positions=reference,
+                loss, parts, chosen = self.step(
+                    seqs, targets, config, tau, self.generators["noise"], self.fixed_id,
+                    target_positions=positions, all_positions=reference, shard=shard,
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if world == 1 else loss * world).backward()
             grads = [p.grad for p in parameters if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads)
             if config.clip_grad_norm:
@@ -380,7 +486,12 @@ class _Run:
             if reference:  # the old loop's host reads: each gradient and each logged value
                 _ = [bool(torch.isfinite(g).all()) for g in grads]
                 _ = [float(value) for value in parts.values()]
-            if not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):  # the one sync
+            bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(norm))
+            if group is not None:
+                # Every rank must take the same decision, or the replicas drift apart. (The
+                # gradients, and so the norm, are already equal on every rank after DDP.)
+                bad = group.any(bad)
+            if bool(bad):  # the one sync
                 # Skip rather than step: one bad batch must not poison Adam's moments.
                 self.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -394,11 +505,14 @@ class _Run:
                 continue
             self.optimizer.step()
             steps += 1
-            targets_seen += int(positions.numel())
-            sums.add(loss, norm, parts, chosen)
+            targets_seen += batch_targets
+            sums.add(loss, norm, parts, chosen if shard is None or shard.weight else None)
             if config.progress and steps % PROGRESS_EVERY == 0:
-                bar.set_postfix(loss=f"{sums.mean_loss(steps):.4f}", refresh=False)
+                # (Distributed: rank 0's share times the world size, an estimate.)
+                bar.set_postfix(loss=f"{world * sums.mean_loss(steps):.4f}", refresh=False)
         bar.close()
+        if group is not None:
+            sums.reduce(group)  # the epoch's shares, summed over the ranks
         if steps == 0 and (max_steps is None or max_steps > 0):
             # An epoch without an optimizer step would let the run "succeed" and save an
             # untrained model as best/ (every batch skipped under max_bad_steps, or no windows).
@@ -420,6 +534,7 @@ class _Run:
         self.scheduler.step()
         return {
             "epoch": self.epoch + 1,
+            "world_size": world,
             **means,
             "tau": tau,
             "lr": lr,
@@ -432,6 +547,41 @@ class _Run:
             "sampled_histogram": histogram,
             "sampled_flops_fraction": self._sampled_fraction(histogram),
         }
+
+    def _batches(self, reference: bool) -> Iterator[tuple[Tensor, Tensor, StepShard | None, int]]:
+        """The epoch's steps: ``(seqs, targets, shard, targets in the global batch)``; one
+        process takes each whole batch (shard None), a rank of a distributed run its
+        contiguous share (:func:`canet.distributed.share`) of the same global batch."""
+        config, data = self.config, self.data
+        indices = data.train_batch_indices(
+            config.batch_size, self.generators["data"],
+            length_buckets=config.length_buckets and not reference,
+        )
+        group = self.group
+        for chosen in indices:
+            batch_targets = int(data.sample_lengths[chosen].sum())
+            if group is None:
+                yield (*data.train_windows(chosen, trim=not reference), None, batch_targets)
+                continue
+            rows = distributed.share(len(chosen), group.rank, group.world_size)
+            mine, weight = chosen[rows], 1.0
+            if not len(mine):  # fewer windows than ranks: a stand-in window that adds nothing
+                rows, mine, weight = slice(0, 1), chosen[:1], 0.0
+            shard = StepShard(
+                group, len(chosen), rows,
+                target_scale=weight * int(data.sample_lengths[mine].sum()) / batch_targets,
+                sample_scale=weight * len(mine) / len(chosen),
+                weight=weight,
+            )
+            yield (*data.train_windows(mine, trim=not reference), shard, batch_targets)
+
+    def _draw_noise(self, shard: StepShard) -> StepShard:
+        """``shard`` with its rows of the global batch's standard exponential draws ``[B, C]``
+        (what one process draws for the whole batch in ``gumbel_straight_through``)."""
+        draws = torch.empty(
+            (shard.samples, self.model.space.n_configs), dtype=torch.float32, device=self.device
+        ).exponential_(generator=self.generators["noise"])
+        return dataclasses.replace(shard, exponential=draws[shard.rows])
 
     def _sampled_fraction(self, histogram: list[int] | None) -> float | None:
         """Mean FLOPs fraction of the configs the Gumbel samples picked (None: fixed config;
@@ -449,6 +599,7 @@ class _Run:
             self.model, self.data, "valid", ks=self.config.ks,
             exclude_history=self.config.exclude_history,
             batch_size=self.config.eval_batch_size, fixed_config_id=self.fixed_id,
+            group=self.group,
         )
 
 
@@ -458,20 +609,18 @@ def time_training(
     *,
     steps: int | None = None,
     reference_step: bool = False,
+    group: Group | None = None,
 ) -> dict[str, Any]:
     """Train a fresh model for one epoch (or its first ``steps`` batches) exactly as
     :func:`train` does, without validation or checkpoints, and return the epoch's record
     (``train_seconds``, ``steps``, ``targets``, ``steps_per_second``, ``targets_per_second``,
     losses). ``reference_step``: the pre-issue-13 step (see ``_Run.train_epoch``), so that a
-    benchmark measures old and new side by side. For benchmarks (``canet bench --train``)."""
-    threads_before = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        run = _Run(config, data, Path(os.devnull), lambda _: None)
-        return run.train_epoch(max_steps=steps, reference=reference_step)
-    finally:
-        torch.set_num_threads(threads_before)
+    benchmark measures old and new side by side. ``group``: as one rank of a distributed run
+    (every rank calls this alike; the losses are the global batch's, summed over the ranks).
+    For benchmarks (``canet bench --train``)."""
+    return _with_threads(config, lambda: _Run(
+        config, data, Path(os.devnull), lambda _: None, group,
+    ).train_epoch(max_steps=steps, reference=reference_step))
 
 
 def _check_resumable(saved: TrainConfig, requested: TrainConfig, directory: Path) -> None:
@@ -514,72 +663,106 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     log: Log = print,
+    group: Group | None = None,
 ) -> TrainResult:
     """Train (or resume) a run into ``run_dir``; see the module docstring for the layout.
+
+    ``group``: train as one rank of a distributed run (:mod:`canet.distributed`; every rank
+    calls this with the same arguments). Rank 0 alone holds the run directory's lock, writes
+    into it and logs; the others never touch it. Every rank returns the same result.
 
     Raises CheckpointError when ``run_dir`` already holds a run and neither ``resume`` nor
     ``overwrite`` is set, or when resuming would change the architecture or the data;
     TrainingDivergedError after more than ``config.max_bad_steps`` non-finite steps;
     CheckpointError "RUN_DIR is in use by pid N" while another process trains into ``run_dir``.
+    In a distributed run, a rank that stops for an error another rank reports raises
+    :class:`canet.distributed.ReportedElsewhere`.
     """
-    config.torch_device()  # an unavailable device fails here, before run_dir is created
-    # One writer per run directory, for the whole run: a second train() into it is refused
-    # here, before anything in it is touched (see checkpoint.lock_run_dir).
-    with ckpt.lock_run_dir(run_dir) as locked:
-        return _train_locked(config, data, locked, resume, overwrite, log)
+    main = group is None or group.is_main
+    if group is None:
+        config.torch_device()  # an unavailable device fails here, before run_dir is created
+    else:
+        log = log if main else _quiet
+    with contextlib.ExitStack() as held:
+
+        def lock() -> Path:
+            # One writer per run directory, for the whole run: a second train() into it is
+            # refused here, before anything in it is touched (see checkpoint.lock_run_dir).
+            return held.enter_context(ckpt.lock_run_dir(run_dir)) if main else Path(run_dir)
+
+        locked = distributed.agreed(group, lock)
+        return _train_locked(config, data, locked, resume, overwrite, log, group)
 
 
-def _train_locked(
-    config: TrainConfig, data: SequenceData, run_dir: Path, resume: bool, overwrite: bool,
-    log: Log,
-) -> TrainResult:
-    for action in ckpt.cleanup_leftovers(run_dir):
-        log(f"canet: {action}")
-    has_run = any((run_dir / name).exists() for name in ("best", "last"))
-    if has_run and not (resume or overwrite):
-        raise CheckpointError(
-            f"{run_dir}: already holds a training run (best/ or last/); pass --resume to "
-            "continue it or --overwrite to start a new one there"
-        )
-    if resume and not (run_dir / "last").exists():
-        raise CheckpointError(f"{run_dir / 'last'}: no checkpoint to resume from")
-    if has_run and overwrite and not resume:
-        log(f"canet: {_set_aside_previous_run(run_dir)}")
+def _quiet(_: str) -> None:
+    """The log of a rank other than 0 (rank 0 prints the run's log)."""
 
+
+def _with_threads(config: TrainConfig, work: Callable[[], _T]) -> _T:
+    """``work()`` at ``config.threads`` torch threads (0: the current setting)."""
     threads_before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _train(config, data, run_dir, resume, log)
+        return work()
     finally:
         torch.set_num_threads(threads_before)  # the setting is process-wide: give it back
 
 
-def _train(
-    config: TrainConfig, data: SequenceData, run_dir: Path, resume: bool, log: Log
+def _train_locked(
+    config: TrainConfig, data: SequenceData, run_dir: Path, resume: bool, overwrite: bool,
+    log: Log, group: Group | None,
 ) -> TrainResult:
-    run = _Run(config, data, run_dir, log)
+    def prepare() -> None:
+        for action in ckpt.cleanup_leftovers(run_dir):
+            log(f"canet: {action}")
+        has_run = any((run_dir / name).exists() for name in ("best", "last"))
+        if has_run and not (resume or overwrite):
+            raise CheckpointError(
+                f"{run_dir}: already holds a training run (best/ or last/); pass --resume to "
+                "continue it or --overwrite to start a new one there"
+            )
+        if resume and not (run_dir / "last").exists():
+            raise CheckpointError(f"{run_dir / 'last'}: no checkpoint to resume from")
+        if has_run and overwrite and not resume:
+            log(f"canet: {_set_aside_previous_run(run_dir)}")
+
+    distributed.agreed(group, prepare if group is None or group.is_main else lambda: None)
+    return _with_threads(config, lambda: _train(config, data, run_dir, resume, log, group))
+
+
+def _check_resume(run: _Run, config: TrainConfig, data: SequenceData, last: Path) -> None:
+    saved = ckpt.load_checkpoint(last, model=None)
+    _check_resumable(saved.config, config, last)
+    if saved.vocab != data.vocab:
+        raise CheckpointError(
+            f"{last}: the data's users/items differ from the checkpoint's vocab.json; "
+            "resume with the same data file and filters"
+        )
+    changed = ckpt.describe_data_change(saved.trainer_state.get("data"), data)
+    if changed:  # resuming on another split could train on the old split's test targets
+        raise CheckpointError(
+            f"{last}: cannot resume with different data: {changed}; resume with the same "
+            "data file and filters"
+        )
+    if saved.model.arch != run.model.arch:
+        change = ckpt.describe_arch_change(saved.model.arch, run.model.arch)
+        raise CheckpointError(f"{last}: {change}")
+    run.restore(last)
+
+
+def _train(
+    config: TrainConfig, data: SequenceData, run_dir: Path, resume: bool, log: Log,
+    group: Group | None,
+) -> TrainResult:
+    main = group is None or group.is_main
+    run = _Run(config, data, run_dir, log, group)
     if resume:
         last = run_dir / "last"
-        saved = ckpt.load_checkpoint(last, model=None)
-        _check_resumable(saved.config, config, last)
-        if saved.vocab != data.vocab:
-            raise CheckpointError(
-                f"{last}: the data's users/items differ from the checkpoint's vocab.json; "
-                "resume with the same data file and filters"
-            )
-        changed = ckpt.describe_data_change(saved.trainer_state.get("data"), data)
-        if changed:  # resuming on another split could train on the old split's test targets
-            raise CheckpointError(
-                f"{last}: cannot resume with different data: {changed}; resume with the same "
-                "data file and filters"
-            )
-        if saved.model.arch != run.model.arch:
-            change = ckpt.describe_arch_change(saved.model.arch, run.model.arch)
-            raise CheckpointError(f"{last}: {change}")
-        run.restore(last)
+        distributed.agreed(group, lambda: _check_resume(run, config, data, last))
         log(f"resumed {last} after epoch {run.epoch} (best ndcg@10 {run.best_score})")
-    ckpt.write_text_atomic(dump_config(config), run_dir / "config.yaml")
+    if main:
+        ckpt.write_text_atomic(dump_config(config), run_dir / "config.yaml")
 
     space = run.model.space
     if run.fixed_id is None:
@@ -590,8 +773,11 @@ def _train(
         # Budgets below this model's cheapest config fail now, not after the training.
         resolve_budgets(config.calibration_budgets, min(run.model.flops_fractions))
     params = sum(p.numel() for p in run.model.parameters())
+    processes = "" if group is None else (
+        f" on {group.world_size} processes ({group.backend}, global batch {config.batch_size})"
+    )
     log(
-        f"training {mode}: {data.num_users} users, {data.num_items} items, "
+        f"training {mode}{processes}: {data.num_users} users, {data.num_items} items, "
         f"{len(data.sample_users)} training windows, max_len {config.max_len}, "
         f"{space.n_configs} configs, {params:,} parameters"
     )
@@ -627,7 +813,12 @@ def _train(
         log(f"early stop: no gain in {config.patience} validations; best epoch {run.best_epoch}")
     table = None
     if run.fixed_id is None and config.calibration_budgets and (run_dir / "best").is_dir():
-        table = _calibrate_best(run_dir / "best", config, data, run.device, log)
+        # Rank 0 alone (the others wait at the barrier below): the calibration evaluates the
+        # validation users once per bisection step, and writes into best/.
+        if main:
+            table = _calibrate_best(run_dir / "best", config, data, run.device, log)
+    if group is not None:
+        group.barrier()  # best/ and last/ are complete before any rank reads them
     return TrainResult(
         run_dir, run.best_score, run.best_epoch, run.epoch, run.stopped_early,
         run.skipped_steps, run.history, table,

@@ -36,6 +36,7 @@ LAYERS = {
     "canet.kernels": ("inference", 2),
     "canet.data": ("data", 2),
     "canet.config": ("training", 3),
+    "canet.distributed": ("training", 3),
     "canet.checkpoint": ("training", 3),
     "canet.train": ("training", 3),
     "canet.evaluate": ("training", 3),

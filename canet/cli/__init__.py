@@ -80,6 +80,7 @@ def _run_passthrough(name: str, argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: sys.argv[1:]) and return the exit status."""
+    from ..distributed import ReportedElsewhere
     from ..errors import CanetError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -96,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args, extra) or 0)
+    except ReportedElsewhere:  # a distributed run: another rank prints the error
+        return EXIT_USAGE
     except (CanetError, ValueError) as error:  # BackendUnavailableError is a CanetError
         message = " ".join(str(error).splitlines()) or type(error).__name__
         print(f"canet: error: {message}", file=sys.stderr)

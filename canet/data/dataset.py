@@ -188,6 +188,24 @@ class SequenceData:
         position embedding) computes for every sample what it computes on the full window.
         Without ``trim``, W = L.
         """
+        batches = self.train_batch_indices(
+            batch_size, generator, shuffle, drop_last, length_buckets=length_buckets
+        )
+        for chosen in batches:
+            yield self.train_windows(chosen, trim=trim)
+
+    def train_batch_indices(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        *,
+        length_buckets: bool = False,
+    ) -> Iterator[np.ndarray]:
+        """The batches of :meth:`train_batches` as int64 arrays of training-window indices
+        (into ``sample_users``/``sample_ends``/``sample_lengths``), in the same order and from
+        the same draws of ``generator``. A distributed run splits each of them across ranks."""
         _check_batch_size(batch_size)
         count = len(self.sample_users)
         if shuffle:
@@ -195,17 +213,24 @@ class SequenceData:
         else:
             order = np.arange(count)
         if length_buckets:
-            batches = self._bucketed_batches(order, batch_size, generator, shuffle, drop_last)
+            yield from self._bucketed_batches(order, batch_size, generator, shuffle, drop_last)
         else:
             stop = count - count % batch_size if drop_last else count
-            batches = (order[first : first + batch_size] for first in range(0, stop, batch_size))
-        for chosen in batches:
-            users, ends = self.sample_users[chosen], self.sample_ends[chosen]
-            starts = self.starts[users]
-            width = max(1, int(self.sample_lengths[chosen].max())) if trim else self.max_len
-            seqs = self._windows(ends - 1, starts, width)
-            targets = self._windows(ends, starts + 1, width)
-            yield torch.from_numpy(seqs), torch.from_numpy(targets)
+            for first in range(0, stop, batch_size):
+                yield order[first : first + batch_size]
+
+    def train_windows(
+        self, chosen: np.ndarray, *, trim: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(seqs [B, W], targets [B, W])`` int64 of the training windows ``chosen`` (int64
+        ``[B]``, B >= 1, indices as :meth:`train_batch_indices` yields): see
+        :meth:`train_batches` for W and ``trim``."""
+        users, ends = self.sample_users[chosen], self.sample_ends[chosen]
+        starts = self.starts[users]
+        width = max(1, int(self.sample_lengths[chosen].max())) if trim else self.max_len
+        seqs = self._windows(ends - 1, starts, width)
+        targets = self._windows(ends, starts + 1, width)
+        return torch.from_numpy(seqs), torch.from_numpy(targets)
 
     def _bucketed_batches(
         self,
@@ -233,14 +258,15 @@ class SequenceData:
         return batches
 
     def eval_batches(
-        self, split: str, batch_size: int
+        self, split: str, batch_size: int, part: slice | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield ``(users [B] int64, seqs [B, L] int64, targets [B] int64)`` for every user
-        with a ``split`` target, in ascending user order. ``seqs`` is the last L items of the
+        with a ``split`` target, in ascending user order (``part``: only the users
+        ``eval_users(split)[part]``, e.g. one rank's share). ``seqs`` is the last L items of the
         split's input history, left-padded."""
         self._check_split(split)
         _check_batch_size(batch_size)
-        users_all = self._eval_users
+        users_all = self._eval_users if part is None else self._eval_users[part]
         for first in range(0, len(users_all), batch_size):
             users = users_all[first : first + batch_size]
             starts = self.starts[users]
