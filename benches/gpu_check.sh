@@ -9,12 +9,16 @@
 #   5. the op micro-benchmark (benches/bench_ops_gpu.py): <results>/<date>-<gpu>-ops.{json,md};
 #   6. the training benchmark (canet bench --train --device cuda: CANet and the full-size model,
 #      B=128, L=50, N~24k, fp32 vs bf16, new vs old step): <results>/<date>-<gpu>-train.{json,md};
-#   7. compute-sanitizer memcheck over one plan and one score_topk (pytest -m "gpu and slow").
+#   7. the distributed training benchmark with one rank (canet bench --train --nproc 1 --device
+#      cuda: one process vs one DDP rank over NCCL, 3,000 users, 10 steps; proves the NCCL path
+#      initialises): <results>/<date>-<gpu>-train-ddp.{json,md};
+#   8. compute-sanitizer memcheck over one plan and one score_topk (pytest -m "gpu and slow").
 #
 # No step stops the others. Each runs under `timeout -k 10` with its own limit (environment
-# 40 s, build 150, canet.info 20, tests 100, op benchmark 35, training benchmark 60, sanitizer
-# 60; the GPU benchmark gets whatever the earlier steps left of CHECK_BUDGET_S, 480 s by
-# default, well inside a 600 s command limit, less the later steps' limits), and its name,
+# 40 s, build 150, canet.info 20, tests 100, op benchmark 35, training benchmark 60, DDP
+# training benchmark 45, sanitizer 60; the GPU benchmark gets whatever the earlier steps left
+# of CHECK_BUDGET_S, 480 s by default, well inside a 600 s command limit, less the later
+# steps' limits), and its name,
 # exit status and seconds are recorded. On exit, whatever happened, the summary is written to
 # <results>/<date>-<gpu>-check.{json,md}, the whole output is in <date>-<gpu>-check.log, the
 # step table is printed last, and the exit status is 1 if any step failed or could not run.
@@ -151,9 +155,9 @@ finish() {
     printf '  "python": %s,\n  "budget_s": %s,\n  "seconds": %s,\n  "ok": %s,\n' \
       "$(json_str "$PYTHON")" "$BUDGET_S" "$((SECONDS - START))" \
       "$( ((failed)) && echo false || echo true)"
-    printf '  "files": {"bench": %s, "ops": %s, "train": %s, "log": %s},\n' \
+    printf '  "files": {"bench": %s, "ops": %s, "train": %s, "train_ddp": %s, "log": %s},\n' \
       "$(json_str "$NAME.json")" "$(json_str "$NAME-ops.json")" "$(json_str "$NAME-train.json")" \
-      "$(json_str "$NAME-check.log")"
+      "$(json_str "$NAME-train-ddp.json")" "$(json_str "$NAME-check.log")"
     printf '  "environment": %s,\n  "steps": [' "$env_json"
     for i in "${!STEP_NAMES[@]}"; do
       ((i)) && printf ','
@@ -176,7 +180,7 @@ finish() {
     done
   } >"$BASE-check.md"
   echo
-  for f in "$BASE.md" "$BASE-ops.md" "$BASE-train.md"; do
+  for f in "$BASE.md" "$BASE-ops.md" "$BASE-train.md" "$BASE-train-ddp.md"; do
     [[ -f "$f" ]] && cat "$f" && echo
   done
   echo "files in $RESULTS:"
@@ -317,6 +321,9 @@ if ((DRY_RUN)); then
   gated_step torch "training benchmark (tiny, on CPU)" 60 \
     "$PYTHON" -m canet.bench --train --users 40 --items 30 --steps 1 --old-steps 1 \
     --out "$RESULTS/$NAME-train.json"
+  gated_step torch "DDP training benchmark (tiny, on CPU: gloo)" 60 \
+    "$PYTHON" -m canet.bench --train --nproc 1 --users 40 --items 30 --steps 1 \
+    --out "$RESULTS/$NAME-train-ddp.json"
   exit 0  # finish (the EXIT trap) decides the status
 fi
 
@@ -342,8 +349,8 @@ gated_step "cuda pytest" "GPU tests (pytest -m 'gpu and not slow')" 100 \
   "${PYTEST[@]}" -v -m "gpu and not slow" --durations=15 "${GPU_TEST_FILES[@]}"
 
 # -- 4, 5. benchmarks -----------------------------------------------------------------------
-# The GPU benchmark gets what the earlier steps left, less what the two later steps need.
-LATER_STEPS_S=$((35 + 60 + 60 + 4 * KILL_GRACE))  # their limits and the four kill graces
+# The GPU benchmark gets what the earlier steps left, less what the four later steps need.
+LATER_STEPS_S=$((35 + 60 + 45 + 60 + 5 * KILL_GRACE))  # their limits and the five kill graces
 limit=$(step_limit $((BUDGET_S - (SECONDS - START) - LATER_STEPS_S)))
 gated_step cuda "GPU benchmark (benches/gpu_bench.py)" "$limit" \
   "$PYTHON" benches/gpu_bench.py --budget-s "$((limit > 50 ? limit - 40 : 10))" \
@@ -356,7 +363,12 @@ gated_step cuda "training benchmark (canet bench --train --device cuda)" 60 \
   "$PYTHON" -m canet.bench --train --device cuda --precision fp32,bf16 --steps 20 \
   --old-steps 3 --out "$RESULTS/$NAME-train.json"
 
-# -- 7. compute-sanitizer -------------------------------------------------------------------
+# -- 7. distributed training: one DDP rank over NCCL vs one process ---------------------------
+gated_step cuda "DDP training benchmark (canet bench --train --nproc 1 --device cuda)" 45 \
+  "$PYTHON" -m canet.bench --train --nproc 1 --device cuda --users 3000 --steps 10 \
+  --out "$RESULTS/$NAME-train-ddp.json"
+
+# -- 8. compute-sanitizer -------------------------------------------------------------------
 # The test's own timeout stays under the step's, so that a slow run reports what it printed.
 limit=$(step_limit 60)
 CANET_SANITIZER_TIMEOUT_S=$((limit > 30 ? limit - 15 : 15)) gated_step "cuda pytest" \

@@ -399,3 +399,77 @@ def test_results_go_under_benches_only_in_a_checkout(tmp_path, monkeypatch, caps
     (tmp_path / "canet").mkdir()
     assert default_out("x.json") == Path("benches/results") / "x.json"
     assert not (tmp_path / "benches" / "results").exists()  # nothing made before a write
+
+
+# -- N processes vs one (canet bench --train --nproc N) ---------------------------------------
+
+
+def test_canet_bench_train_nproc_times_one_and_two_processes_alike(tmp_path) -> None:
+    """Two ranks at one thread each run the same global batches as one process: the same
+    steps and targets, both timed; the report and its table come out as JSON + Markdown."""
+    out = tmp_path / "nproc.json"
+    assert bench.main(["--train", "--nproc", "2", "--threads", "1", "--users", "40",
+                       "--items", "30", "--steps", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["kind"] == "training-nproc" and report["settings"]["backend"] == "gloo"
+    runs = {(r["model"], r["nproc"]): r for r in report["runs"]}
+    assert set(runs) == {("canet", 1), ("canet", 2), ("full", 1), ("full", 2)}
+    for model in ("canet", "full"):
+        one, two = runs[model, 1], runs[model, 2]
+        assert one["threads_per_process"] == two["threads_per_process"] == 1
+        assert one["seconds"] > 0 and two["seconds"] > 0 and one["steps"] == two["steps"] == 1
+        assert one["targets"] == two["targets"] > 0
+        assert two["epoch_ratio_vs_one_process"] == pytest.approx(
+            two["epoch_seconds"] / one["epoch_seconds"])
+        assert report["summary"][f"{model}_epoch_2proc_vs_1proc"] == (
+            two["epoch_ratio_vs_one_process"])
+    markdown = out.with_suffix(".md").read_text()
+    assert markdown.startswith("# Training throughput, 1 vs 2 process(es)")
+    assert "| canet | 2 x 1 | 1 |" in markdown
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nproc", "2"], "--nproc applies to --train only"),
+    (["--train", "--nproc", "0"], "--nproc must be >= 1, got 0"),
+    (["--train", "--nproc", "2", "--old-steps", "1"], "drop --old-steps"),
+])
+def test_nproc_usage_errors(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_request:
+        bench.main(argv)
+    assert exit_request.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("canet bench: error: ") and message in error
+
+
+def _job(**changes):
+    job = {"configs": {"full": {"fixed_config": "largest", "progress": False, "threads": 1}},
+           "users": 40, "items": 30, "seed": 0, "steps": 1, "device": "cpu", "threads": 1,
+           "timeout_s": 60}
+    return {**job, **changes}
+
+
+def test_a_failing_rank_is_reported_not_waited_for() -> None:
+    from canet.bench import training
+    from canet.distributed import DistributedError
+
+    job = _job(configs={"full": {"no_such_key": 1}})  # every rank fails once its group is up
+    with pytest.raises(DistributedError, match=r"rank [01] of the 2-process training run failed "
+                                               r"\(exit status 1\): .*unknown config key"):
+        training._run_ranks(2, job, timeout_s=60)
+
+
+def test_ranks_that_outlive_the_timeout_are_stopped(monkeypatch) -> None:
+    from canet.bench import training
+    from canet.distributed import DistributedError
+
+    started = []
+    real_popen = training.subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(training.subprocess, "Popen", popen)
+    with pytest.raises(DistributedError, match="did not finish within 1 s"):
+        training._run_ranks(2, _job(), timeout_s=1)  # not even torch imports in a second
+    assert len(started) == 2 and all(p.returncode is not None for p in started)

@@ -80,8 +80,7 @@ def _finish(ranks: list[subprocess.Popen], timeout: float = 120) -> list[tuple[i
 
 def _run_ranks(argv: list[str], world: int = 2, **extra: str) -> list[tuple[int, str, str]]:
     results = _finish(_start_ranks(argv, world, **extra))
-    for status, out, err in results:
-        assert status == 0, f"a rank failed: {results}"
+    assert all(status == 0 for status, _, _ in results), f"a rank failed: {results}"
     return results
 
 

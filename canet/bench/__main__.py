@@ -18,6 +18,7 @@ import torch
 
 from .. import backends as backend_registry
 from ..config import PRECISIONS
+from ..distributed import DistributedError
 from ..errors import ConfigError
 from ..space import RoutingSpace
 from .analysis import MAX_REL_ERROR, evaluate_targets
@@ -31,7 +32,14 @@ from .report import (
     write_json_and_markdown,
     write_plots,
 )
-from .training import TRAIN_ITEMS, TRAIN_USERS, measure_training, training_markdown
+from .training import (
+    TRAIN_ITEMS,
+    TRAIN_USERS,
+    distributed_training_markdown,
+    measure_distributed_training,
+    measure_training,
+    training_markdown,
+)
 from .workload import (
     BATCHES,
     DEFAULT_BACKENDS,
@@ -128,6 +136,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", type=_name_list(PRECISIONS), default="fp32",
                        help="comma-separated training precisions, bf16 on CUDA only "
                             "(default: %(default)s)")
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="instead: epoch time of 1 process x T threads (--threads) vs N "
+                            "processes x max(1, T/N) threads (DistributedDataParallel; on "
+                            "CUDA one GPU per process), side by side; one precision, no old "
+                            "step")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN,
                         help="sequence length L (default: %(default)s; change only to test)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of model and inputs")
@@ -152,11 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.items is not None and args.items < 1 or args.seq_len < 1:
         parser.error("--items and --seq-len must be >= 1")
+    if args.nproc is not None and (args.nproc < 1 or not args.train):
+        parser.error(f"--nproc must be >= 1, got {args.nproc}" if args.nproc < 1
+                     else "--nproc applies to --train only")
     if args.train:
         given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
         ignored = sorted(given & set(INFERENCE_ONLY))
         if ignored:
             parser.error(f"{', '.join(ignored)} do not apply to --train")
+        if args.nproc is not None:
+            return _main_train_nproc(args, parser, given)
         return _main_train(args, parser)
     if args.device != "cpu" or args.precision != ["fp32"]:
         parser.error("--device and --precision apply to --train only")
@@ -248,6 +266,40 @@ def _main_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(str(error))
     report = {"schema": 1, "kind": "training", "machine": machine_info(), **report}
     text = training_markdown(report, report["machine"])
+    print(text)
+    md_path = out.with_suffix(".md")
+    write_json_and_markdown(out, report, md_path, text)
+    print(f"wrote {out} and {md_path}")
+    return 0
+
+
+def _main_train_nproc(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, given: set[str]
+) -> int:
+    """``canet bench --train --nproc N``: 1 process vs N processes, JSON + Markdown."""
+    if "--old-steps" in given or len(args.precision) != 1:
+        parser.error("--nproc times one precision with the current step: drop --old-steps "
+                     "and give one --precision")
+    if args.users < 10 or args.steps < 0:
+        parser.error("--users must be >= 10, --steps >= 0")
+    device = args.device.split(":")[0]  # a file-name piece: cuda:1 -> cuda
+    out = args.out or default_out(
+        f"train-nproc{args.nproc}-{device}-{dt.date.today().isoformat()}.json"
+    )
+    try:
+        report = measure_distributed_training(
+            nproc=args.nproc, threads=torch.get_num_threads(), num_users=args.users,
+            num_items=args.items or TRAIN_ITEMS, steps=args.steps or None, device=args.device,
+            precision=args.precision[0], seed=args.seed,
+            log=lambda message: print(message, file=sys.stderr, flush=True),
+        )
+    except ConfigError as error:  # e.g. bf16 on a CPU, more processes than GPUs
+        parser.error(str(error))
+    except DistributedError as error:  # a rank failed or hung: not a usage error
+        print(f"canet bench: error: {error}", file=sys.stderr)
+        return 1
+    report = {"schema": 1, "kind": "training-nproc", "machine": machine_info(), **report}
+    text = distributed_training_markdown(report, report["machine"])
     print(text)
     md_path = out.with_suffix(".md")
     write_json_and_markdown(out, report, md_path, text)
