@@ -45,7 +45,9 @@ LAYERS = {
     "canet.bench": ("apps", 4),
     "canet.pareto": ("apps", 4),
     "canet.info": ("apps", 4),
+    "canet.serve": ("apps", 4),
     "canet.cli": ("apps", 5),
+    "canet.cli.serve": ("apps", 5),
     "canet.__main__": ("apps", 5),
 }
 # Where argparse may be imported: the command line, and the benchmark's own entry point.
@@ -189,18 +191,33 @@ def test_the_layer_tests_can_fail(tmp_path) -> None:
 
 def test_import_canet_is_lean() -> None:
     """``import canet`` (and reaching Engine, Recommender) pulls in neither triton nor a serving
-    package, nor the command line."""
+    package, nor the command line; ``canet.serve`` and the command-line parser (which imports
+    every command's module, ``canet.cli.serve`` included) load the serving packages only when
+    an app is created or the server run."""
+    heavy = ("'triton', 'canet.kernels', 'canet.cli', 'canet.bench', 'fastapi', 'starlette', "
+             "'uvicorn', 'aiohttp', 'httpx', 'prometheus_client'")
     code = (
         "import sys, canet\n"
         "canet.Engine, canet.Recommender\n"
-        "heavy = ('triton', 'canet.kernels', 'canet.cli', 'canet.bench', 'fastapi', 'starlette',"
-        " 'uvicorn', 'aiohttp', 'httpx')\n"
+        f"heavy = ({heavy})\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
     assert out.strip() == "[]", f"import canet loaded {out.strip()}"
+    serving = ("'fastapi', 'starlette', 'uvicorn', 'aiohttp', 'httpx', 'prometheus_client', "
+               "'anyio'")
+    code = (
+        "import sys, canet.serve, canet.cli\n"
+        "canet.cli.build_parser()\n"
+        f"heavy = ({serving})\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    assert out.strip() == "[]", f"import canet.serve / the parser loaded {out.strip()}"
 
 
 def test_readme_layout_table_matches_the_tree() -> None:

@@ -10,6 +10,7 @@ Every argparse parser of canet lives in this package (and in the benchmark's own
     canet calibrate RUN_DIR --data LOG [--budgets 0.1,0.2,...] [--split valid|test]
     canet recommend RUN_DIR --input FILE -k 10 --output recs.csv [--budget B]
     canet pareto RUN_DIR --data LOG [--split test] [--budgets 0.1,0.2,...] [--against RUN2 ...]
+    canet serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--max-batch-size 256] [--budget B]
     canet demo [--data LOG] [--quick]
     canet bench ...            (canet.bench.main)
 
@@ -41,6 +42,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                   "top-k items for histories given as a log or JSON"),
     "pareto": ("canet.cli.pareto",
                "accuracy/compute Pareto report: budgets, fixed sub-networks, random routing"),
+    "serve": ("canet.cli.serve",
+              "HTTP recommendation service with micro-batching (needs canet[serve])"),
     "demo": ("canet.cli.demo", "train CANet and the full-size baseline, evaluate, compare"),
 }
 # Subcommands that own their whole argument list (parsed by their module's main(argv)).
