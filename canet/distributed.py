@@ -14,8 +14,9 @@ over its targeted positions divided by the GLOBAL count, which every rank comput
 from the global batch: the all-reduced count without a collective), so that DDP's gradient
 average times the world size is the gradient of one process on the same global batch.
 
-Evaluation (``canet.evaluate``) splits the users the same way; the ranks' per-user integer ranks
-are gathered in user order, so every rank computes exactly the metrics of one process.
+Evaluation (``canet.evaluate``) splits the users in whole evaluation batches (:func:`batch_share`);
+the ranks' per-user integer ranks are gathered in user order, so every rank computes exactly the
+metrics of one process.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "ReportedElsewhere",
     "agreed",
     "batch_mean",
+    "batch_share",
     "environment",
     "replicated_share",
     "share",
@@ -152,12 +154,10 @@ class Group:
         torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
         return value[0].bool()
 
-    def gather_shares(self, local: Tensor, total: int) -> Tensor:
-        """Concatenate, in rank order, each rank's :func:`share` of ``total`` rows: ``local``
-        ``[n_r, ...]`` -> ``[total, ...]`` on every rank (CPU). The shares' sizes follow from
-        ``total``, so nothing but the rows travels."""
-        sizes = [len(range(total)[share(total, rank, self.world_size)])
-                 for rank in range(self.world_size)]
+    def gather_rows(self, local: Tensor, sizes: list[int]) -> Tensor:
+        """Concatenate, in rank order, every rank's rows: ``local [sizes[rank], ...]`` ->
+        ``[sum(sizes), ...]`` on every rank (CPU). Every rank knows the sizes (they follow from
+        the split), so nothing but the rows travels."""
         width = max(sizes)
         padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype, device=self.device)
         padded[: local.shape[0]] = local.to(self.device)
@@ -178,7 +178,7 @@ class Group:
         :class:`ReportedElsewhere`, so the message is shown once and no rank waits for the rest
         at the next collective."""
         failed = torch.tensor([error is not None], dtype=torch.int32)
-        ranks = self.gather_shares(failed, self.world_size)  # one flag per rank
+        ranks = self.gather_rows(failed, [1] * self.world_size)  # one flag per rank
         failing = torch.nonzero(ranks).flatten().tolist()
         if not failing:
             return
@@ -249,6 +249,15 @@ def share(total: int, rank: int, world_size: int) -> slice:
     base, extra = divmod(total, world_size)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (rank < extra))
+
+
+def batch_share(total: int, batch_size: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``total`` items in whole batches of ``batch_size``
+    (:func:`share` of the batches; the last batch may be short): every item lands in the very
+    batch it is in on one process, so a computation that is not batch-invariant to the last
+    bit (the scores' GEMMs) gives each item exactly one process's result."""
+    batches = share(-(-total // batch_size), rank, world_size)
+    return slice(min(total, batches.start * batch_size), min(total, batches.stop * batch_size))
 
 
 def batch_mean(samples: int, weight: float = 1.0) -> Callable[[Tensor], Tensor]:

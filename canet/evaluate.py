@@ -74,9 +74,11 @@ def evaluate(
     ``[U]`` of internal user ids, internal target item ids and 0-based target ranks, in
     ascending user order (for paired comparisons: :func:`canet.metrics.paired_difference`).
 
-    ``group`` (a distributed run, :mod:`canet.distributed`): each rank scores its contiguous
-    share of the users (none padded or repeated); the ranks' per-user ranks and routed configs
-    are gathered in user order and every rank returns exactly what one process returns.
+    ``group`` (a distributed run, :mod:`canet.distributed`): each rank scores a contiguous
+    share of the users in whole batches of ``batch_size`` (none padded or repeated; each user
+    in the batch one process puts it in); the ranks' per-user ranks and routed configs are
+    gathered in user order and every rank returns exactly what one process returns (at the
+    same thread count).
     """
     check_model_data(model, data)
     space = model.space
@@ -123,9 +125,9 @@ def evaluate(
                 dealt = routed[torch.randperm(len(routed), generator=generator).to(device)]
             start = 0
             part = None
-            if group is not None:
+            if group is not None:  # whole batches: each user scored in one process's batch
                 total = len(data.eval_users(split))
-                part = distributed.share(total, group.rank, group.world_size)
+                part = distributed.batch_share(total, batch_size, group.rank, group.world_size)
             for users, seqs, targets in data.eval_batches(split, batch_size, part):
                 seqs = seqs.to(device)
                 if fixed_config_id is not None:
@@ -151,7 +153,9 @@ def evaluate(
         columns = [torch.zeros(0, dtype=torch.int64) for _ in range(4)]
     if group is not None:  # every rank gets every user's row, in user order
         total = len(data.eval_users(split))
-        columns = [group.gather_shares(column, total) for column in columns]
+        sizes = [len(range(total)[distributed.batch_share(total, batch_size, r, group.world_size)])
+                 for r in range(group.world_size)]
+        columns = [group.gather_rows(column, sizes) for column in columns]
     users, targets, ranks, routed = columns
     # Added in batch_size chunks as one process does: the same float64 sums, bit for bit.
     for first in range(0, len(ranks), batch_size):

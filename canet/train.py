@@ -441,7 +441,8 @@ class _Run:
         if group is not None:
             # Each rank draws its own dropout masks (the one thing that depends on the world
             # size), from a stream fixed by (seed, epoch, rank): a resumed run draws the same.
-            seed = np.random.SeedSequence([config.seed, self.epoch, group.rank]).generate_state(2)
+            entropy = [config.seed % 2**64, self.epoch, group.rank]  # seeds may be negative
+            seed = np.random.SeedSequence(entropy).generate_state(2)
             torch.manual_seed(int(seed[0]) << 32 | int(seed[1]))
         total = self.data.num_train_batches(config.batch_size)
         batches = self._batches(reference)
@@ -497,11 +498,11 @@ class _Run:
                 skipped += 1
                 self.skipped_steps += 1
                 if self.skipped_steps > config.max_bad_steps:
-                    raise TrainingDivergedError(
+                    raise _replicated(self.group, TrainingDivergedError(
                         f"training stopped: {self.skipped_steps} steps had a NaN/inf loss or "
                         f"gradient (max_bad_steps={config.max_bad_steps}); try a lower lr "
                         f"(now {config.lr}) or check the data"
-                    )
+                    ))
                 continue
             self.optimizer.step()
             steps += 1
@@ -517,16 +518,16 @@ class _Run:
             # An epoch without an optimizer step would let the run "succeed" and save an
             # untrained model as best/ (every batch skipped under max_bad_steps, or no windows).
             if skipped:
-                raise TrainingDivergedError(
+                raise _replicated(self.group, TrainingDivergedError(
                     f"training stopped: epoch {self.epoch + 1} took no optimizer step (all "
                     f"{skipped} batches had a NaN/inf loss or gradient); check the loss weights, "
                     f"temperatures and lr (now {config.lr}) or the data"
-                )
-            raise TrainingDivergedError(
+                ))
+            raise _replicated(self.group, TrainingDivergedError(
                 f"training stopped: epoch {self.epoch + 1} took no optimizer step: the data "
                 f"has no training windows ({self.data.path}: every user has fewer than 4 "
                 "interactions)"
-            )
+            ))
         means = sums.means(steps)  # reads the epoch's sums back (waits for the device)
         histogram = sums.histogram() if self.fixed_id is None else None
         seconds = time.perf_counter() - started
@@ -694,6 +695,15 @@ def train(
         return _train_locked(config, data, locked, resume, overwrite, log, group)
 
 
+def _replicated(group: Group | None, error: CanetError) -> CanetError:
+    """``error`` as a rank of a distributed run raises it when every rank raises it alike (a
+    decision they share, such as the all-reduced skip decision): rank 0 reports it, the others
+    stop with :class:`canet.distributed.ReportedElsewhere`, so it is shown once."""
+    if group is None or group.is_main:
+        return error
+    return distributed.ReportedElsewhere(f"rank 0 reports: {error}")
+
+
 def _quiet(_: str) -> None:
     """The log of a rank other than 0 (rank 0 prints the run's log)."""
 
@@ -771,7 +781,10 @@ def _train(
         mode = f"fixed config {run.fixed_id} {space.configs[run.fixed_id]}"
     if run.fixed_id is None and config.calibration_budgets:
         # Budgets below this model's cheapest config fail now, not after the training.
-        resolve_budgets(config.calibration_budgets, min(run.model.flops_fractions))
+        try:
+            resolve_budgets(config.calibration_budgets, min(run.model.flops_fractions))
+        except CanetError as error:
+            raise _replicated(group, error) from None
     params = sum(p.numel() for p in run.model.parameters())
     processes = "" if group is None else (
         f" on {group.world_size} processes ({group.backend}, global batch {config.batch_size})"

@@ -31,10 +31,11 @@ WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k.inter"
 # A small routing space; dropout 0 (dropout masks are the one thing that differs with the
 # number of ranks); batch 25 of 76 windows: the last batch has ONE window, so rank 1's share
-# of it is empty (it runs a stand-in window that must add nothing).
+# of it is empty (it runs a stand-in window that must add nothing); evaluation batches of 16
+# of the 61 users: 4 batches, 2 per rank.
 SMALL = ["--max-len", "8", "--depths=[1,2]", "--hidden=[16,32]", "--emb=[16,32]", "--heads", "2",
          "--router-dim", "8", "--router-heads", "2", "--batch-size", "25", "--progress", "false",
-         "--threads", "1", "--dropout", "0", "--eval-every", "1"]
+         "--threads", "1", "--dropout", "0", "--eval-every", "1", "--eval-batch-size", "16"]
 RTOL = 1e-4  # float summation order differs between 1 and 2 ranks; nothing else may
 
 
@@ -126,6 +127,18 @@ def test_share_covers_every_item_once_without_padding() -> None:
             assert max(sizes) - min(sizes) <= 1
 
 
+def test_batch_share_keeps_whole_batches() -> None:
+    for total in (0, 1, 15, 16, 17, 61, 100):
+        for batch in (1, 4, 16):
+            for world in (1, 2, 3):
+                parts = [range(total)[distributed.batch_share(total, batch, r, world)]
+                         for r in range(world)]
+                assert [i for part in parts for i in part] == list(range(total))
+                for part in parts:  # whole batches: each share starts at a batch boundary
+                    assert not part or part.start % batch == 0
+                    assert not part or len(part) % batch == 0 or part.stop == total
+
+
 def test_environment_is_read_from_torchrun_variables(monkeypatch) -> None:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
@@ -190,8 +203,9 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, log_file) -> None:
 
 
 def test_fixed_config_two_ranks_equal_one_process(tmp_path, log_file) -> None:
-    """A fixed sub-network (a slice of the supernet: DDP searches for unused parameters)."""
-    extra = ["--epochs", "2", "--fixed-config", "2"]
+    """A fixed sub-network (a slice of the supernet: DDP searches for unused parameters); a
+    negative seed (the ranks' dropout streams derive from it)."""
+    extra = ["--epochs", "2", "--fixed-config", "2", "--seed", "-3"]
     one, many = tmp_path / "one", tmp_path / "many"
     assert cli.main(["train", "--data", str(log_file), "--out", str(one), *SMALL, *extra]) == 0
     _run_ranks(["train", "--data", str(log_file), "--out", str(many), *SMALL, *extra])
@@ -218,13 +232,16 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_continues_a_distributed_run_bitwise(tmp_path, log_file) -> None:
     """2 ranks, with dropout (each rank draws its own masks): 3 epochs straight equal 2 epochs
-    then --resume to 3, bit for bit (weights, losses, validation)."""
+    then --resume to 3, bit for bit (weights, losses, validation); the resume starts from an
+    interrupted save (last/ moved aside, as a crash between a save's two renames leaves it):
+    rank 0 restores it under the lock while the other ranks read it where it is."""
     args = ["--data", str(log_file), *SMALL, "--dropout", "0.1", "--calibration-budgets=[]"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     first = _start_ranks(["train", "--out", str(straight), *args, "--epochs", "3"])
     second = _start_ranks(["train", "--out", str(resumed), *args, "--epochs", "2"])
     for status, out, err in _finish(first) + _finish(second):
         assert status == 0, out + err
+    (resumed / "last").rename(resumed / ".last.old-12345")
     _run_ranks(["train", "--resume", str(resumed), "--data", str(log_file), "--epochs", "3"])
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -263,6 +280,19 @@ def test_a_silent_rank_stops_the_job_within_the_timeout(tmp_path, log_file) -> N
     _finish(ranks[1:])
     assert status0 == 2 and waited < 60, err0
     assert "rank 0 stopped" in err0 and "Timed out" in err0 and "Traceback" not in err0
+
+
+def test_an_error_of_every_rank_is_shown_once(tmp_path, log_file) -> None:
+    """A check every rank fails alike once the ranks are connected (a calibration budget below
+    the cheapest sub-network): rank 0 prints it, the others nothing."""
+    results = _finish(_start_ranks(
+        ["train", "--data", str(log_file), "--out", str(tmp_path / "r"), *SMALL,
+         "--calibration-budgets=[0.001]"]
+    ), timeout=90)
+    assert [status for status, _, _ in results] == [2, 2]
+    errors = [err.strip() for _, _, err in results]
+    assert errors[0].startswith("canet: error: ") and "0.001" in errors[0], errors
+    assert errors[1] == ""
 
 
 def test_a_config_error_is_shown_once(tmp_path, log_file) -> None:

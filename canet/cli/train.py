@@ -84,15 +84,22 @@ def _config(
     args: argparse.Namespace, overrides: dict, run_dir: Path, *, clean_up: bool
 ) -> TrainConfig:
     """The run's config: defaults < --config < overrides; on --resume, last/'s config <
-    --config < overrides (``clean_up``: first finish or undo an interrupted save there)."""
+    --config < overrides. ``clean_up``: first finish or undo an interrupted save there (the
+    caller holds the run directory's lock); else (a rank other than 0 of a distributed run,
+    while rank 0 may be cleaning up) read the checkpoint read-only, an interrupted save's
+    ``.last.old-*`` included."""
     if not args.resume:
         return load_config(args.config, overrides)
     last = run_dir / "last"
     if clean_up:
         ckpt.cleanup_leftovers(run_dir)
-    if not last.exists():
+    try:
+        source = last if clean_up else ckpt.resolve_checkpoint_dir(last)
+    except CheckpointError:
+        source = last
+    if not source.exists():
         raise CheckpointError(f"{last}: no checkpoint to resume from")
-    config = ckpt.load_checkpoint(last).config
+    config = ckpt.load_checkpoint(source).config
     if args.config:
         config = config_from_dict(read_yaml(args.config), config, source=args.config)
     if overrides:
@@ -109,24 +116,36 @@ def run_distributed(
     An error in the config (before the process group exists) is printed by the first process
     of each machine; once the group exists, by the rank that has it (the others stop with it)."""
     main = env.rank == 0
-    try:
-        run_dir = _run_dir(args)
-        config = _config(args, parse_config_overrides(extra), run_dir, clean_up=main)
-    except CanetError:
-        if env.local_rank == 0:
-            raise
-        raise distributed.ReportedElsewhere("the config is reported by LOCAL_RANK 0") from None
+    with contextlib.ExitStack() as held:
+        try:
+            run_dir = _run_dir(args)
+            if main and run_dir.is_dir():
+                # As in one process: the lock before anything in the directory is touched
+                # (an interrupted save is cleaned up under it); held to metrics.json.
+                held.enter_context(ckpt.lock_run_dir(run_dir))
+            config = _config(args, parse_config_overrides(extra), run_dir, clean_up=main)
+        except CanetError:
+            if env.local_rank == 0:
+                raise
+            raise distributed.ReportedElsewhere("reported by LOCAL_RANK 0") from None
+        return _run_group(args, config, run_dir, env, held)
+
+
+def _run_group(
+    args: argparse.Namespace, config: TrainConfig, run_dir: Path,
+    env: distributed.DistEnvironment, held: contextlib.ExitStack,
+) -> int:
+    """The part of a distributed ``canet train`` that runs in the process group."""
+    main = env.rank == 0
     group = distributed.start(env, config.torch_device(), args.dist_timeout)
     try:
         data = distributed.agreed(
             group, lambda: load_dataset(args.data, **config.dataset_options())
         )
-        with contextlib.ExitStack() as held:
-            # Rank 0 holds the lock from here to metrics.json, as a one-process run does.
-            distributed.agreed(
-                group, lambda: held.enter_context(ckpt.lock_run_dir(run_dir)) if main else None
-            )
-            status = _train_and_test(args, config, data, run_dir, group)
+        distributed.agreed(
+            group, lambda: held.enter_context(ckpt.lock_run_dir(run_dir)) if main else None
+        )
+        status = _train_and_test(args, config, data, run_dir, group)
         # Every rank done before the group goes: rank 0 hosts the group's store, and a rank
         # still talking to it while it closes can abort at exit.
         group.barrier()
