@@ -460,10 +460,10 @@ class _Run:
         # so the gradient of the global loss is the average times the world size.
         world = 1 if group is None else group.world_size
         started = time.perf_counter()
+        show = config.progress and (group is None or group.is_main)  # rank 0's bar only
         bar = tqdm(
             batches, total=total, desc=f"epoch {self.epoch + 1}/{config.epochs}",
-            disable=not (config.progress and (group is None or group.is_main)), leave=False,
-            dynamic_ncols=True,
+            disable=not show, leave=False, dynamic_ncols=True,
         )
         for seqs, targets, shard, batch_targets in bar:
             # Flat indices of the targeted positions, found on the host: no device sync.
@@ -508,7 +508,7 @@ class _Run:
             steps += 1
             targets_seen += batch_targets
             sums.add(loss, norm, parts, chosen if shard is None or shard.weight else None)
-            if config.progress and steps % PROGRESS_EVERY == 0:
+            if show and steps % PROGRESS_EVERY == 0:
                 # (Distributed: rank 0's share times the world size, an estimate.)
                 bar.set_postfix(loss=f"{world * sums.mean_loss(steps):.4f}", refresh=False)
         bar.close()
