@@ -45,6 +45,7 @@ __all__ = [
     "replicated_share",
     "share",
     "start",
+    "started",
     "stopped_by_peer",
 ]
 
@@ -207,6 +208,14 @@ def agreed(group: Group | None, phase: Callable[[], T]) -> T:
     return result
 
 
+_started = False  # whether this process opened a process group (start())
+
+
+def started() -> bool:
+    """Whether this process has opened a process group (see :func:`start`)."""
+    return _started
+
+
 def start(
     env: DistEnvironment, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> Group:
@@ -235,6 +244,8 @@ def start(
     options = {}
     if backend == "nccl":
         options["device_id"] = device  # binds the communicator now: no lazy, hidden init later
+    global _started
+    _started = True
     torch_dist.init_process_group(
         backend, init_method="env://", rank=env.rank, world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s), **options,

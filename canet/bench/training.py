@@ -377,7 +377,10 @@ def _run_ranks(nproc: int, job: dict[str, Any], timeout_s: float) -> dict[str, A
         "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": str(job["threads"]),
         "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))),
     }
-    code = "import sys; from canet.bench.training import _rank_main; _rank_main(sys.argv[1])"
+    # os._exit after a rank's work: the interpreter's teardown can abort in torch's
+    # distributed C++ state (see canet.cli.main), which would read as a failed rank.
+    code = ("import os, sys; from canet.bench.training import _rank_main; "
+            "_rank_main(sys.argv[1]); sys.stdout.flush(); sys.stderr.flush(); os._exit(0)")
     with tempfile.TemporaryDirectory(prefix="canet-bench-ranks-") as name:
         folder = Path(name)
         (folder / "job.json").write_text(json.dumps(job))

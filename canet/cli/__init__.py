@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -82,7 +83,23 @@ def _run_passthrough(name: str, argv: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default: sys.argv[1:]) and return the exit status."""
+    """Run the command line ``argv`` (default: sys.argv[1:]) and return the exit status.
+
+    A rank of a distributed run (a process that opened a process group) does not return: it
+    flushes its output and leaves at once with the status. torch's distributed C++ state can
+    abort in the interpreter's teardown ("terminate called without an active exception", a
+    transport thread destroyed while joinable), which would turn exit status 2 into SIGABRT."""
+    status = _main(argv)
+    from .. import distributed
+
+    if distributed.started():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from ..distributed import ReportedElsewhere
     from ..errors import CanetError
 
