@@ -110,6 +110,12 @@ def load_bench(name, monkeypatch):
     return module
 
 
+# A tiny training run for CLI and serving tests: 1 epoch of a 2x2x2 routing space, 1 thread.
+TINY_ARGS = ["--max-len", "8", "--depths=[1,2]", "--hidden=[8,16]", "--emb=[8,16]",
+             "--heads", "2", "--router-dim", "8", "--router-heads", "2", "--epochs", "1",
+             "--batch-size", "32", "--progress", "false", "--threads", "1"]
+
+
 def write_csv_log(path: Path, users: int = 40, items: int = 20, seed: int = 0) -> Path:
     """A seeded synthetic log written as CSV (user_id,item_id,timestamp) for CLI tests."""
     from canet.data import synthetic_log

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import cli_fails  # tests/ is on sys.path
+from helpers import (
+    TINY_ARGS,
+    cli_fails,  # tests/ is on sys.path
+)
 from helpers import write_csv_log as _write_log
 
 from canet import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_ARGS = ["--max-len", "8", "--depths=[1,2]", "--hidden=[8,16]", "--emb=[8,16]",
-             "--heads", "2", "--router-dim", "8", "--router-heads", "2", "--epochs", "1",
-             "--batch-size", "32", "--progress", "false", "--threads", "1"]
 
 
 

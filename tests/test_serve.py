@@ -27,16 +27,13 @@ pytest.importorskip("prometheus_client",
                     reason="needs the serve extra: pip install 'canet[serve]'")
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the dev extra)")
 
-from helpers import cli_fails, write_csv_log  # noqa: E402  (tests/ is on sys.path)
+from helpers import TINY_ARGS, cli_fails, write_csv_log  # noqa: E402  (tests/ is on sys.path)
 
 from canet import cli  # noqa: E402
 from canet.recommender import Recommender  # noqa: E402
 from canet.serve import create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_ARGS = ["--max-len", "8", "--depths=[1,2]", "--hidden=[8,16]", "--emb=[8,16]",
-             "--heads", "2", "--router-dim", "8", "--router-heads", "2", "--epochs", "1",
-             "--batch-size", "32", "--progress", "false", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
