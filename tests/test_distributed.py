@@ -79,10 +79,13 @@ def _finish(ranks: list[subprocess.Popen], timeout: float = 120) -> list[tuple[i
     return results
 
 
-def _run_ranks(argv: list[str], world: int = 2, **extra: str) -> list[tuple[int, str, str]]:
-    results = _finish(_start_ranks(argv, world, **extra))
+def _check_ranks(results: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
     assert all(status == 0 for status, _, _ in results), f"a rank failed: {results}"
     return results
+
+
+def _run_ranks(argv: list[str], world: int = 2, **extra: str) -> list[tuple[int, str, str]]:
+    return _check_ranks(_finish(_start_ranks(argv, world, **extra)))
 
 
 def _history(run: Path) -> list[dict]:
@@ -183,14 +186,17 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, log_file) -> None:
     target: the global batch's mean is all-reduced) and a last batch of one window."""
     extra = ["--epochs", "2", "--balance-weight", "0.1", "--flops-target", "0.5"]
     one, many = tmp_path / "one", tmp_path / "many"
-    assert cli.main(["train", "--data", str(log_file), "--out", str(one), *SMALL, *extra]) == 0
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    done = subprocess.run(
+    launcher = subprocess.Popen(
         [torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "canet",
          "train", "--data", str(log_file), "--out", str(many), *SMALL, *extra],
-        env=_env(), capture_output=True, text=True, timeout=180,
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
+    # The one-process reference meanwhile, here (the ranks spend their first seconds starting).
+    assert cli.main(["train", "--data", str(log_file), "--out", str(one), *SMALL, *extra]) == 0
+    (status, stdout, stderr), = _finish([launcher], timeout=180)
+    assert status == 0, stdout + stderr
+    done = subprocess.CompletedProcess(launcher.args, status, stdout, stderr)
     _assert_same_run(one, many)
     # The run records how it ran; one log (rank 0's), and only rank 0 wrote the directory.
     state = json.loads((many / "last" / ckpt.STATE_FILE).read_text())
@@ -207,8 +213,9 @@ def test_fixed_config_two_ranks_equal_one_process(tmp_path, log_file) -> None:
     negative seed (the ranks' dropout streams derive from it)."""
     extra = ["--epochs", "2", "--fixed-config", "2", "--seed", "-3"]
     one, many = tmp_path / "one", tmp_path / "many"
+    ranks = _start_ranks(["train", "--data", str(log_file), "--out", str(many), *SMALL, *extra])
     assert cli.main(["train", "--data", str(log_file), "--out", str(one), *SMALL, *extra]) == 0
-    _run_ranks(["train", "--data", str(log_file), "--out", str(many), *SMALL, *extra])
+    _check_ranks(_finish(ranks))
     _assert_same_run(one, many)
 
 
@@ -217,8 +224,9 @@ def test_ml100k_two_ranks_equal_one_process(tmp_path) -> None:
     args = ["--data", str(ML100K), *SMALL, "--max-len", "10", "--batch-size", "512",
             "--epochs", "2", "--eval-every", "2", "--calibration-budgets=[]"]
     one, many = tmp_path / "one", tmp_path / "many"
+    ranks = _start_ranks(["train", "--out", str(many), *args])
     assert cli.main(["train", "--out", str(one), *args]) == 0
-    _run_ranks(["train", "--out", str(many), *args])
+    _check_ranks(_finish(ranks))
     _assert_same_run(one, many)
 
 
