@@ -131,9 +131,8 @@ class Group:
 
     rank: int
     world_size: int
-    local_rank: int
     backend: str
-    device: torch.device
+    device: torch.device  # cuda:LOCAL_RANK under NCCL
 
     @property
     def is_main(self) -> bool:
@@ -250,7 +249,7 @@ def start(
         backend, init_method="env://", rank=env.rank, world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s), **options,
     )
-    return Group(env.rank, env.world_size, env.local_rank, backend, device)
+    return Group(env.rank, env.world_size, backend, device)
 
 
 def share(total: int, rank: int, world_size: int) -> slice:

@@ -103,6 +103,10 @@ def evaluate(
         penalty = None  # the router's own argmax, reported as no penalty (as an Engine does)
     if engine is None and backend != "model":
         engine = Engine(model, backend=backend, penalty=penalty)
+    if group is not None:  # whole batches: each user scored in one process's batch
+        total = len(data.eval_users(split))
+        shares = [distributed.batch_share(total, batch_size, rank, group.world_size)
+                  for rank in range(group.world_size)]
     was_training = model.training
     model.eval()
     device = model.supernet.out.weight.device
@@ -124,10 +128,7 @@ def evaluate(
                 generator = torch.Generator().manual_seed(shuffle_routing_seed)
                 dealt = routed[torch.randperm(len(routed), generator=generator).to(device)]
             start = 0
-            part = None
-            if group is not None:  # whole batches: each user scored in one process's batch
-                total = len(data.eval_users(split))
-                part = distributed.batch_share(total, batch_size, group.rank, group.world_size)
+            part = None if group is None else shares[group.rank]
             for users, seqs, targets in data.eval_batches(split, batch_size, part):
                 seqs = seqs.to(device)
                 if fixed_config_id is not None:
@@ -152,9 +153,7 @@ def evaluate(
     else:  # no user here (a rank's share of fewer users than ranks)
         columns = [torch.zeros(0, dtype=torch.int64) for _ in range(4)]
     if group is not None:  # every rank gets every user's row, in user order
-        total = len(data.eval_users(split))
-        sizes = [len(range(total)[distributed.batch_share(total, batch_size, r, group.world_size)])
-                 for r in range(group.world_size)]
+        sizes = [share.stop - share.start for share in shares]
         columns = [group.gather_rows(column, sizes) for column in columns]
     users, targets, ranks, routed = columns
     # Added in batch_size chunks as one process does: the same float64 sums, bit for bit.

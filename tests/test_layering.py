@@ -189,35 +189,32 @@ def test_the_layer_tests_can_fail(tmp_path) -> None:
         GRAPH = saved
 
 
+# The serving packages (the extra canet[serve] and their kin): loaded only by canet serve.
+SERVING = ("fastapi", "starlette", "uvicorn", "aiohttp", "httpx", "prometheus_client", "anyio")
+
+
 def test_import_canet_is_lean() -> None:
     """``import canet`` (and reaching Engine, Recommender) pulls in neither triton nor a serving
     package, nor the command line; ``canet.serve`` and the command-line parser (which imports
     every command's module, ``canet.cli.serve`` included) load the serving packages only when
     an app is created or the server run."""
-    heavy = ("'triton', 'canet.kernels', 'canet.cli', 'canet.bench', 'fastapi', 'starlette', "
-             "'uvicorn', 'aiohttp', 'httpx', 'prometheus_client'")
-    code = (
-        "import sys, canet\n"
-        "canet.Engine, canet.Recommender\n"
-        f"heavy = ({heavy})\n"
+    heavy = ("triton", "canet.kernels", "canet.cli", "canet.bench", *SERVING)
+    loaded = _loaded_after("import canet\ncanet.Engine, canet.Recommender", heavy)
+    assert loaded == "[]", f"import canet loaded {loaded}"
+    loaded = _loaded_after("import canet.serve, canet.cli\ncanet.cli.build_parser()", SERVING)
+    assert loaded == "[]", f"import canet.serve / the parser loaded {loaded}"
+
+
+def _loaded_after(code: str, names: tuple[str, ...]) -> str:
+    """The modules among ``names`` (or inside those packages) that a fresh interpreter has
+    loaded after running ``code``, as a printed sorted list."""
+    script = (
+        f"import sys\n{code}\nheavy = {names!r}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
-    ).stdout
-    assert out.strip() == "[]", f"import canet loaded {out.strip()}"
-    serving = ("'fastapi', 'starlette', 'uvicorn', 'aiohttp', 'httpx', 'prometheus_client', "
-               "'anyio'")
-    code = (
-        "import sys, canet.serve, canet.cli\n"
-        "canet.cli.build_parser()\n"
-        f"heavy = ({serving})\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
-    ).stdout
-    assert out.strip() == "[]", f"import canet.serve / the parser loaded {out.strip()}"
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.strip()
 
 
 def test_readme_layout_table_matches_the_tree() -> None:

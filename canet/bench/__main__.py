@@ -264,13 +264,7 @@ def _main_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         )
     except ConfigError as error:  # e.g. bf16 on a CPU
         parser.error(str(error))
-    report = {"schema": 1, "kind": "training", "machine": machine_info(), **report}
-    text = training_markdown(report, report["machine"])
-    print(text)
-    md_path = out.with_suffix(".md")
-    write_json_and_markdown(out, report, md_path, text)
-    print(f"wrote {out} and {md_path}")
-    return 0
+    return _write_report(report, "training", training_markdown, out)
 
 
 def _main_train_nproc(
@@ -298,8 +292,16 @@ def _main_train_nproc(
     except DistributedError as error:  # a rank failed or hung: not a usage error
         print(f"canet bench: error: {error}", file=sys.stderr)
         return 1
-    report = {"schema": 1, "kind": "training-nproc", "machine": machine_info(), **report}
-    text = distributed_training_markdown(report, report["machine"])
+    return _write_report(report, "training-nproc", distributed_training_markdown, out)
+
+
+def _write_report(
+    report: dict, kind: str, markdown: Callable[[dict, dict], str], out: Path
+) -> int:
+    """Add the schema, kind and machine to ``report``; print its Markdown table and write the
+    JSON to ``out`` with the table beside it (``.md``)."""
+    report = {"schema": 1, "kind": kind, "machine": machine_info(), **report}
+    text = markdown(report, report["machine"])
     print(text)
     md_path = out.with_suffix(".md")
     write_json_and_markdown(out, report, md_path, text)
