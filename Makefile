@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 # Pinned: an unpinned torch would resolve to the multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
-EXTRAS  ?= dev,triton,plot,serve
+EXTRAS  ?= dev,triton,plot,serve,onnx
 STAMP   := $(VENV)/.canet-installed
 CSRC    := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' \) 2>/dev/null)
 

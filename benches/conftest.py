@@ -23,6 +23,9 @@ if _THREADS:
 
 def pytest_collect_file(file_path, parent):
     """Collect ``bench_*.py`` (pytest's default patterns only know ``test_*.py``)."""
+    # A file named on the command line is collected by pytest itself: not a second time.
+    if parent.session.isinitpath(file_path):
+        return None
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
@@ -53,6 +56,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     computed from the medians with the same arithmetic as ``canet bench``."""
     session = getattr(config, "_benchmarksession", None)  # pytest-benchmark's (private) session
     benchmarks = getattr(session, "benchmarks", None) or []
+    _serve_summary(terminalreporter, benchmarks)
     seconds: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
     info: dict[tuple[str, int], dict] = {}
     for result in benchmarks:
@@ -93,3 +97,25 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     write("targets:")
     for line in bench.format_targets(bench.evaluate_targets(cases, skipped)):
         write(f"  {line}")
+
+
+def _serve_summary(terminalreporter, benchmarks) -> None:
+    """benches/bench_serve.py: the serving targets from each case's median round."""
+    from canet.bench.serving import serving_targets
+
+    cases = {}
+    for result in benchmarks:
+        extra = getattr(result, "extra_info", {}) or {}
+        if "case" in extra and result:
+            # The median round's throughput; latencies and counters of the last round.
+            cases[extra["case"]] = {**extra, "users_per_s": extra["requests"] / result.stats.median}
+    if not cases:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("canet serve (median rounds)")
+    for case, row in cases.items():
+        write(f"{case:>10}: {row['users_per_s']:7.0f} users/s  p50 {row['p50_ms']:.1f} ms  "
+              f"p99 {row['p99_ms']:.1f} ms  mean batch {row['mean_batch'] or 0:.1f}")
+    for name, target in serving_targets(cases).items():
+        write(f"  {name} = {target['value']:.2f} ({'met' if target['met'] else 'MISSED'}, "
+              f"target {'>=' if target['kind'] == 'min' else '<'} {target['threshold']:g})")

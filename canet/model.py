@@ -99,11 +99,12 @@ def allowed_keys(seqs: Tensor) -> Tensor:
     The diagonal keeps rows of padding queries non-empty (no NaN); a real query's diagonal is a
     real key anyway, so real positions never see padding.
     """
-    length = seqs.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=seqs.device).tril()
-    diagonal = torch.eye(length, dtype=torch.bool, device=seqs.device)
+    # From position comparisons rather than tril/eye: torch.eye(dtype=bool) exports to an ONNX
+    # EyeLike that ONNX Runtime's CPU provider has no bool kernel for.
+    position = torch.arange(seqs.shape[1], device=seqs.device)
+    query, key = position[:, None], position[None, :]
     real_key = (seqs != 0)[:, None, None, :]
-    return causal & (real_key | diagonal)
+    return (key <= query) & (real_key | (key == query))
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

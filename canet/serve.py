@@ -28,6 +28,8 @@ import contextlib
 import json
 import logging
 import math
+import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -39,14 +41,20 @@ import torch
 
 from ._version import __version__
 from .budget import BudgetError, check_budget, mean_fraction
+from .errors import CanetError
 from .ops import SCORE_TOPK_MAX_K
 from .recommender import Recommender
 
-__all__ = ["create_app", "Batcher", "ClientError", "QueueFull", "MISSING_EXTRA_HINT"]
+__all__ = ["create_app", "bind", "run_server", "Batcher", "ClientError", "QueueFull",
+           "MISSING_EXTRA_HINT",
+           "REQUIRED_PACKAGES", "missing_package"]
 
 logger = logging.getLogger("canet.serve")
 
 MISSING_EXTRA_HINT = "pip install 'canet[serve]'"
+# The extra "serve" of pyproject.toml: import name -> the name pip installs it by.
+REQUIRED_PACKAGES = {"starlette": "starlette", "uvicorn": "uvicorn",
+                     "prometheus_client": "prometheus-client"}
 # Keys a POST /v1/recommend body may hold (anything else is refused: a typo such as "K" must
 # not silently fall back to the default).
 REQUEST_KEYS = frozenset({"histories", "k", "exclude_history", "budget"})
@@ -579,6 +587,68 @@ class Service:
                 "max_body_bytes": self.max_body_bytes,
             },
         }
+
+
+# -- running it ---------------------------------------------------------------------------
+def missing_package() -> str | None:
+    """The pip name of the first package of the serve extra that is not installed, or None."""
+    import importlib
+
+    for module, package in REQUIRED_PACKAGES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return package
+    return None
+
+
+# ---------------------------------------------------------------------------
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket bound to ``host:port`` (port 0: a free port); CanetError
+    (with the flag names of ``canet serve``) when it cannot be."""
+    if not 0 <= port <= 65535:
+        raise CanetError(f"--port must be in [0, 65535], got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise CanetError(f"--host {host!r}: {error.strerror or error}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise CanetError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+
+def run_server(app, sock: socket.socket, log_level: str = "info") -> bool:
+    """Serve ``app`` with uvicorn on the bound ``sock`` until SIGINT/SIGTERM (graceful: uvicorn
+    stops accepting and waits for the accepted requests; the app's lifespan then drains the
+    batcher). Returns whether the server started. The signal that stopped it is absorbed, so
+    the caller returns normally (exit 0) after a graceful stop."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    # uvicorn handles SIGINT/SIGTERM (graceful shutdown) and re-raises the signal after it,
+    # with the handlers it found installed: these absorb it, so a graceful stop exits 0.
+    caught: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda number, frame: caught.append(number))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    return bool(server.started)
 
 
 def _shown(value: object, limit: int) -> str:

@@ -473,3 +473,124 @@ def test_ranks_that_outlive_the_timeout_are_stopped(monkeypatch) -> None:
     with pytest.raises(DistributedError, match="did not finish within 1 s"):
         training._run_ranks(2, _job(), timeout_s=1)  # not even torch imports in a second
     assert len(started) == 2 and all(p.returncode is not None for p in started)
+
+
+# -- canet bench --serve -------------------------------------------------------------------
+def test_route_like_steers_the_router_to_a_mix() -> None:
+    model = bench.build_model(num_items=200, seq_len=12)
+    want = bench.paper_weights(model.space, 12, 200)
+    bench.route_like(model, want, users=2048)
+    held_out = bench.make_sequences(2048, 200, 12, seed=99)
+    with torch.inference_mode():
+        routed = torch.bincount(model.router(held_out).argmax(1), minlength=len(want)).double()
+    routed = routed / routed.sum()
+    fractions = bench.config_fractions(model.space, 12, 200)
+    # Fresh users: the mix's cost and shape, not just the fitted users'.
+    assert abs(float(routed @ fractions) - float(want @ fractions)) < 0.03
+    assert float((routed - want).abs().sum()) < 0.25
+
+
+def test_canet_bench_serve_drives_every_case(tmp_path) -> None:
+    pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'canet[serve]'")
+    from canet.bench import serving
+
+    out = tmp_path / "serve.json"
+    assert bench.main(["--serve", "--items", "40", "--seq-len", "6", "--clients", "5",
+                       "--requests", "23", "--threads", "1", "--max-wait-ms", "2",
+                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["kind"] == "serving"
+    cases = report["cases"]
+    assert list(cases) == list(serving.SERVE_CASES)
+    for row in cases.values():
+        # Every measured request answered (closed loop: never more than asked).
+        assert (row["requests"], row["errors"]) == (23, 0)
+        assert 0 < row["p50_ms"] <= row["p99_ms"]
+    assert cases["unbatched"]["mean_batch"] == 1.0
+    assert cases["largest"]["flops_fraction"] == pytest.approx(1.0)
+    assert 0 < cases["batched"]["flops_fraction"] < 1
+    assert set(report["targets"]) == set(serving.SERVE_TARGETS)
+    assert out.with_suffix(".md").read_text().startswith("# canet serve load test")
+
+
+def test_canet_bench_serve_flags_are_checked(capsys) -> None:
+    for argv, message in (
+        (["--clients", "3"], "--clients apply to --serve only"),
+        (["--serve", "--train"], "--serve and --train are separate benchmarks"),
+        (["--serve", "--batch", "1"], "--batch do not apply to --serve"),
+        (["--serve", "--clients", "0"], "--clients, --requests and --max-batch-size must be"),
+    ):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_the_serve_load_client_counts_error_answers(tmp_path) -> None:
+    """A request the server refuses (422) is counted as an error with its example kept, and
+    the latencies hold only answered requests; the phase sends exactly the requests asked."""
+    pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'canet[serve]'")
+    from canet.bench import serving
+
+    spec = serving.server_spec("unbatched", num_items=30, seq_len=4, seed=1, threads=1,
+                               backend="torch", max_wait_ms=0.0, max_queue=8)
+    server = serving.start_server(spec, tmp_path / "server.log")
+    try:
+        bodies = serving.request_bodies(8, 30, 4, seed=1)
+        bodies.append(b'{"histories": [["1"]], "k": 0}')  # 422: k out of range
+        load, _ = serving.drive(server.port, bodies, clients=3, requests=27, warmup=0,
+                                timeout_s=60)
+    finally:
+        server.stop()
+    refused = [e for e in load.errors if e]
+    assert len(load.latencies) + len(load.errors) == 27
+    assert any(e.startswith("HTTP 422") for e in refused)
+
+
+# -- canet bench --baselines ort -------------------------------------------------------------
+def test_bracket_interpolates_between_the_nearest_configs_in_flops() -> None:
+    from canet.bench.onnx_baseline import bracket
+
+    fractions = [0.1, 0.5, 0.3, 1.0, 0.3]
+    assert bracket(fractions, 0.4) == (2, 1, pytest.approx(0.5))  # ids 2 and 4 tie: 2
+    lower, upper, weight = bracket(fractions, 0.3)
+    assert fractions[lower] == fractions[upper] == 0.3 and weight == 0.0
+    assert bracket(fractions, 0.05) == (0, 0, 0.0)  # below the range: the smallest
+    assert bracket(fractions, 1.0) == (3, 3, 0.0)
+    lower, upper, weight = bracket(fractions, 0.75)
+    assert (lower, upper) == (1, 3)
+    assert (1 - weight) * fractions[lower] + weight * fractions[upper] == pytest.approx(0.75)
+
+
+def test_canet_bench_ort_baseline_times_the_equal_flops_sub_network(tmp_path) -> None:
+    from canet.bench.onnx_baseline import unavailable
+
+    why = unavailable()
+    if why is not None:
+        pytest.skip(why)
+    out = tmp_path / "ort.json"
+    assert bench.main(["--quick", "--batch", "3", "--mix", "paper", "--backends", "torch",
+                       "--baselines", "ort", "--items", "40", "--seq-len", "6", "--threads",
+                       "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (case,) = report["results"]
+    ort = case["ort"]
+    fractions = bench.config_fractions(RoutingSpace(), 6, 40).tolist()
+    lower, upper, weight = ort["lower"], ort["upper"], ort["upper_weight"]
+    assert (1 - weight) * fractions[lower] + weight * fractions[upper] == pytest.approx(
+        case["flops_fraction"])
+    assert ort["max_rel_error"] < 1e-4  # ONNX Runtime computes the sub-network's scores
+    assert ort["equal_flops_s"] == pytest.approx(
+        (1 - weight) * ort["lower_s"] + weight * ort["upper_s"])
+    entry = case["backends"]["torch"]
+    assert entry["speedup_vs_ort_equal_flops"] == pytest.approx(
+        ort["equal_flops_s"] / case["timings"]["torch"]["median_s"])
+    assert report["settings"]["baselines_run"] == ["ort"]
+    assert "ort= u/s" in out.with_suffix(".md").read_text()
+
+
+def test_ort_targets_say_how_to_measure_them() -> None:
+    verdicts = bench.evaluate_targets([{"mix": "paper", "batch": 1,
+                                        "backends": {"cpu": {"efficiency": 1.0}}}])
+    (ort,) = [v for v in verdicts if v["target"] == "cpu-vs-ort-B1"]
+    assert ort["status"] == "not measured"
+    assert ort["reason"] == "the ort baseline was not run (--baselines ort)"

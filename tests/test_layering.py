@@ -32,6 +32,7 @@ LAYERS = {
     "canet._ext": ("inference", 2),
     "canet.ops": ("inference", 2),
     "canet.engine": ("inference", 2),
+    "canet.export": ("inference", 2),
     "canet.backends": ("inference", 2),
     "canet.kernels": ("inference", 2),
     "canet.data": ("data", 2),

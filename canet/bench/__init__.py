@@ -18,8 +18,9 @@ Modules: :mod:`~canet.bench.workload` (model, inputs, routing mixes, dtypes: bui
 :mod:`~canet.bench.timing` (the one timer, wall clock or CUDA events),
 :mod:`~canet.bench.analysis` (efficiency arithmetic, targets, the dtype rule for scores),
 :mod:`~canet.bench.report` (machine facts, tables, JSON / Markdown / plot writers),
-:mod:`~canet.bench.measure` (the CPU run) and ``__main__`` (the command line, the only module
-here that parses arguments; :func:`main` imports it on first call).
+:mod:`~canet.bench.measure` (the CPU run), :mod:`~canet.bench.training` (``--train``),
+:mod:`~canet.bench.serving` (``--serve``: the HTTP load test) and ``__main__`` (the command
+line, the only module here that parses arguments; :func:`main` imports it on first call).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ from .workload import (
     make_sequences,
     method_calls,
     paper_weights,
+    route_like,
 )
 
 __all__ = [
@@ -115,6 +117,7 @@ __all__ = [
     "method_calls",
     "on_sigterm",
     "paper_weights",
+    "route_like",
     "run",
     "slug",
     "speedup",

@@ -20,9 +20,12 @@ from .. import backends as backend_registry
 from ..config import PRECISIONS
 from ..distributed import DistributedError
 from ..errors import ConfigError
+from ..serve import MISSING_EXTRA_HINT, missing_package
 from ..space import RoutingSpace
 from .analysis import MAX_REL_ERROR, evaluate_targets
 from .measure import run
+from .onnx_baseline import ORT
+from .onnx_baseline import unavailable as ort_unavailable
 from .report import (
     format_table,
     format_targets,
@@ -32,6 +35,7 @@ from .report import (
     write_json_and_markdown,
     write_plots,
 )
+from .serving import SERVE_CASES, measure_serving, serving_markdown
 from .training import (
     TRAIN_ITEMS,
     TRAIN_USERS,
@@ -54,7 +58,10 @@ from .workload import (
 __all__ = ["main"]
 
 # Flags of the inference benchmark that --train does not use.
-INFERENCE_ONLY = ("--batch", "--mix", "--backends", "--plot", "--quick", "--seq-len")
+INFERENCE_ONLY = ("--batch", "--mix", "--backends", "--baselines", "--plot", "--quick",
+                  "--seq-len")
+SERVE_ONLY = ("--clients", "--requests", "--cases", "--backend", "--max-batch-size",
+              "--max-wait-ms", "--phase-timeout")
 
 
 def default_out(name: str) -> Path:
@@ -104,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
                         default=",".join(DEFAULT_BACKENDS),
                         help="engine backends; unavailable ones are skipped with the reason "
                              "(default: %(default)s)")
+    parser.add_argument("--baselines", type=_name_list((ORT,)), default=[],
+                        help="extra baselines: ort = ONNX Runtime running the fixed "
+                             "sub-network of each batch's FLOPs and the largest config "
+                             "(needs pip install 'canet[onnx]'; exports each config it needs "
+                             "with the dynamo exporter, seconds per config)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output; a .md table is written beside it "
                              "(default: benches/results/cpu-<date>.json in a canet checkout, "
@@ -141,6 +153,30 @@ def _parser() -> argparse.ArgumentParser:
                             "processes x max(1, T/N) threads (DistributedDataParallel; on "
                             "CUDA one GPU per process), side by side; one precision, no old "
                             "step")
+    serve = parser.add_argument_group(
+        "serving load test (--serve)",
+        "starts `canet serve`'s app on 127.0.0.1 (OS-chosen port) per case with the benchmark "
+        "model (router fitted to the paper mix) and drives it with closed-loop clients of one "
+        "user each: users/s, p50/p99 latency, mean batch, FLOPs served (canet/bench/serving.py)")
+    serve.add_argument("--serve", action="store_true",
+                       help="measure the HTTP service instead of the engine")
+    serve.add_argument("--clients", type=int, default=64,
+                       help="concurrent closed-loop clients (default: %(default)s)")
+    serve.add_argument("--requests", type=int, default=3000,
+                       help="measured requests per case, after 2 x clients warm-up ones "
+                            "(default: %(default)s)")
+    serve.add_argument("--cases", type=_name_list(SERVE_CASES), default=",".join(SERVE_CASES),
+                       help="batched (micro-batching on), unbatched (--max-batch-size 1), "
+                            "largest (batched, every user at the largest config) "
+                            "(default: %(default)s)")
+    serve.add_argument("--backend", default="auto",
+                       help="the server's engine backend (default: %(default)s)")
+    serve.add_argument("--max-batch-size", type=int, default=256,
+                       help="the batched cases' max batch size (default: %(default)s)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="the batched cases' max wait (default: %(default)s)")
+    serve.add_argument("--phase-timeout", type=float, default=300.0, metavar="S",
+                       help="each load phase stops after S seconds (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN,
                         help="sequence length L (default: %(default)s; change only to test)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of model and inputs")
@@ -168,8 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc is not None and (args.nproc < 1 or not args.train):
         parser.error(f"--nproc must be >= 1, got {args.nproc}" if args.nproc < 1
                      else "--nproc applies to --train only")
+    given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+    serve_flags = sorted(given & set(SERVE_ONLY))
+    if serve_flags and not args.serve:
+        parser.error(f"{', '.join(serve_flags)} apply to --serve only")
+    if args.serve:
+        if args.train:
+            parser.error("--serve and --train are separate benchmarks: give one")
+        ignored = sorted(given & set(INFERENCE_ONLY) - {"--seq-len"})
+        if ignored:
+            parser.error(f"{', '.join(ignored)} do not apply to --serve")
+        return _main_serve(args, parser)
     if args.train:
-        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
         ignored = sorted(given & set(INFERENCE_ONLY))
         if ignored:
             parser.error(f"{', '.join(ignored)} do not apply to --train")
@@ -183,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     backends, skipped = available_backends(args.backends)
     for name, why in skipped.items():
         print(f"canet bench: skipping the {name} backend: {why}", file=sys.stderr)
+    baselines = []
+    for name in args.baselines:  # only "ort" so far
+        why = ort_unavailable()
+        if why is None:
+            baselines.append(name)
+        else:
+            skipped[name] = why
+            print(f"canet bench: skipping the {name} baseline: {why}", file=sys.stderr)
     min_time, min_repeats, warmup_time = (0.05, 1, 0.0) if args.quick else (1.0, 3, 0.2)
     out = args.out or default_out(f"cpu-{dt.date.today().isoformat()}.json")
 
@@ -193,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         f"backends={','.join(backends) or 'none'}{' (quick)' if args.quick else ''}")
     cases, backends_run = run(
         args.batch, args.mix, backends, args.items, args.seq_len, args.seed,
-        min_time, min_repeats, warmup_time, log,
+        min_time, min_repeats, warmup_time, log, baselines=baselines,
     )
     space = RoutingSpace()
     report = {
@@ -211,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             "backends_requested": args.backends,
             "backends_run": backends_run,
             "backends_skipped": skipped,
+            "baselines_requested": args.baselines,
+            "baselines_run": baselines,
             "paper_flops_fraction_target": PAPER_FLOPS_FRACTION,
             "seed": args.seed,
             "quick": args.quick,
@@ -223,11 +279,15 @@ def main(argv: list[str] | None = None) -> int:
         "targets": evaluate_targets(cases, skipped),
     }
     machine = report["machine"]
+    if baselines:
+        import onnxruntime
+
+        report["settings"]["onnxruntime"] = onnxruntime.__version__
     print(f"canet bench: {machine['cpu_model']}, {machine['torch_threads']} torch threads, "
           f"torch {machine['torch']}, N={args.items}, L={args.seq_len}"
           + (" (quick: rough numbers)" if args.quick else ""))
     for name, why in skipped.items():
-        print(f"{name} backend not measured: {why}")
+        print(f"{name} {'baseline' if name == ORT else 'backend'} not measured: {why}")
     header, rows = table_rows(cases, backends_run)
     print(format_table(header, rows))
     for case in cases:
@@ -293,6 +353,33 @@ def _main_train_nproc(
         print(f"canet bench: error: {error}", file=sys.stderr)
         return 1
     return _write_report(report, "training-nproc", distributed_training_markdown, out)
+
+
+def _main_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``canet bench --serve``: the load test of ``canet serve``, JSON + Markdown."""
+    if args.clients < 1 or args.requests < 1 or args.max_batch_size < 1:
+        parser.error("--clients, --requests and --max-batch-size must be >= 1")
+    if not args.max_wait_ms >= 0 or not args.phase_timeout > 0:
+        parser.error("--max-wait-ms must be >= 0 and --phase-timeout > 0")
+    missing = missing_package()
+    if missing:
+        print(f"canet bench: --serve needs the package {missing!r}, which is not installed: "
+              f"{MISSING_EXTRA_HINT}", file=sys.stderr)
+        return 2
+    out = args.out or default_out(f"serve-cpu-{dt.date.today().isoformat()}.json")
+    try:
+        report = measure_serving(
+            clients=args.clients, requests=args.requests, threads=args.threads,
+            backend=args.backend, max_batch_size=args.max_batch_size,
+            max_wait_ms=args.max_wait_ms, num_items=args.items or NUM_ITEMS,
+            seq_len=args.seq_len, seed=args.seed, cases=tuple(args.cases),
+            timeout_s=args.phase_timeout,
+            log=lambda message: print(message, file=sys.stderr, flush=True),
+        )
+    except RuntimeError as error:  # the server failed to start or answered no request
+        print(f"canet bench: error: {error}", file=sys.stderr)
+        return 1
+    return _write_report(report, "serving", serving_markdown, out)
 
 
 def _write_report(

@@ -21,6 +21,8 @@ from ..model import CANet
 
 __all__ = [
     "DTYPE_ATOL",
+    "ORT_EQUAL_FLOPS",
+    "ORT_LARGEST",
     "MAX_REL_ERROR",
     "ScoreCheck",
     "TARGETS",
@@ -45,6 +47,12 @@ DTYPE_ATOL: dict[torch.dtype, float] = {
     torch.float16: 1e-3,
     torch.bfloat16: 5e-3,
 }
+
+
+# The ONNX Runtime baseline's methods (canet.bench.onnx_baseline): the fixed sub-network of the
+# routed batch's FLOPs (interpolated between the two nearest configs) and the largest config.
+ORT_EQUAL_FLOPS = "ort_equal_flops"
+ORT_LARGEST = "ort_largest"
 
 
 # -- arithmetic ------------------------------------------------------------------------------
@@ -75,8 +83,9 @@ def case_metrics(
     """Derived numbers of one (mix, batch) from median seconds per method.
 
     Returns ``{"ideal_speedup", "flops_fraction", "backends": {name: {...}}}``; a backend entry
-    holds ``speedup_vs_largest``, ``efficiency``, ``speedup_vs_dense``, ``speedup_vs_masked``
-    and ``speedup_vs_supernet_routed`` for whichever of their inputs were measured.
+    holds ``speedup_vs_largest``, ``efficiency``, ``speedup_vs_dense``, ``speedup_vs_masked``,
+    ``speedup_vs_supernet_routed``, ``speedup_vs_ort_equal_flops`` and
+    ``speedup_vs_ort_largest`` for whichever of their inputs were measured.
     """
     ideal = ideal_speedup(flops_largest, flops_routed)
     per_backend = {}
@@ -92,6 +101,8 @@ def case_metrics(
             ("speedup_vs_dense", "supernet_dense"),
             ("speedup_vs_masked", "masked"),
             ("speedup_vs_supernet_routed", "supernet_routed"),
+            ("speedup_vs_ort_equal_flops", ORT_EQUAL_FLOPS),
+            ("speedup_vs_ort_largest", ORT_LARGEST),
         ):
             if baseline in seconds:
                 entry[key] = speedup(seconds[baseline], routed)
@@ -118,6 +129,7 @@ class TargetSpec:
     metric: str
     threshold: float
     text: str
+    needs: str | None = None  # a baseline the metric compares with ("ort"), besides backend
 
 
 TARGETS: tuple[TargetSpec, ...] = (
@@ -133,6 +145,12 @@ TARGETS: tuple[TargetSpec, ...] = (
                "cpu not slower than the PyTorch supernet running the user's routed config"),
     TargetSpec("torch-vs-dense-B512", "torch", None, 512, "speedup_vs_dense", 1.0,
                "torch backend routed not slower than the PyTorch supernet dense"),
+    TargetSpec("cpu-vs-ort-B1", "cpu", None, 1, "speedup_vs_ort_equal_flops", 1.0,
+               "cpu routed at least as fast as ONNX Runtime on the fixed sub-network of equal "
+               "FLOPs", needs="ort"),
+    TargetSpec("cpu-vs-ort-B8", "cpu", None, 8, "speedup_vs_ort_equal_flops", 1.0,
+               "cpu routed at least as fast as ONNX Runtime on the fixed sub-network of equal "
+               "FLOPs", needs="ort"),
 )
 
 
@@ -160,6 +178,10 @@ def evaluate_targets(
             value = case["backends"].get(spec.backend, {}).get(spec.metric)
             if value is None:
                 reason = skipped.get(spec.backend, f"{spec.backend} backend was not run")
+                if spec.needs and spec.backend not in skipped:
+                    reason = skipped.get(spec.needs,
+                                         f"the {spec.needs} baseline was not run "
+                                         f"(--baselines {spec.needs})")
                 verdict.update(status="not measured", reason=reason)
             else:
                 verdict.update(value=value, status="met" if value >= spec.threshold else "missed")

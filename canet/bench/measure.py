@@ -1,7 +1,9 @@
 """The ``canet bench`` measurement: users/s of every way to score a batch, per (mix, batch).
 
 Methods (see :func:`canet.bench.method_calls`): ``supernet_dense``, ``masked``,
-``supernet_routed``, and per engine backend ``<backend>`` (routed) and ``<backend>_largest``.
+``supernet_routed``, and per engine backend ``<backend>`` (routed) and ``<backend>_largest``;
+with the ``ort`` baseline also ONNX Runtime on the fixed sub-network of equal FLOPs and on the
+largest config (:mod:`canet.bench.onnx_baseline`).
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import torch
 
 from ..engine import Engine
 from ..flops import batch_flops, config_flops
-from .analysis import case_metrics, max_relative_error
+from .analysis import ORT_EQUAL_FLOPS, ORT_LARGEST, case_metrics, max_relative_error
+from .onnx_baseline import ORT, OrtSubnetworks, bracket
 from .timing import Timing, time_call
 from .workload import (
     DEFAULT_SEED,
     NUM_ITEMS,
     SEQ_LEN,
     build_model,
+    config_fractions,
     config_histogram,
     make_config_ids,
     make_sequences,
@@ -39,12 +43,18 @@ def run(
     min_repeats: int = 3,
     warmup_time: float = 0.2,
     log: Callable[[str], None] = lambda _: None,
+    baselines: Sequence[str] = (),
 ) -> tuple[list[dict], list[str]]:
-    """Measure every (mix, batch); returns (case records, backends actually run)."""
+    """Measure every (mix, batch); returns (case records, backends actually run).
+
+    ``baselines``: extra baselines to run, ``"ort"`` (:mod:`canet.bench.onnx_baseline`: ONNX
+    Runtime on the fixed sub-network of equal FLOPs and on the largest config; the caller
+    checks that it is available)."""
     model = build_model(num_items, seq_len, seed=seed)
     space = model.space
     engines = {name: Engine(model, backend=name) for name in backends}
     flops_one_largest = config_flops(space, seq_len, num_items)[space.largest_id]
+    fractions = config_fractions(space, seq_len, num_items).tolist()
 
     def measure(label: str, fn: Callable[[], object], batch: int) -> Timing:
         timing = time_call(fn, min_time, min_repeats, warmup_time)
@@ -52,6 +62,34 @@ def run(
             f"({len(timing.times)} repeats)")
         return timing
 
+    ort = OrtSubnetworks(model, torch.get_num_threads(), log) if ORT in baselines else None
+    ort_timings: dict[tuple[int, int], Timing] = {}  # (config, batch): shared by the mixes
+    ort_errors: dict[int, float] = {}
+
+    def ort_seconds(config_id: int, seqs) -> float:
+        key = (config_id, seqs.shape[0])
+        if key not in ort_timings:
+            call = ort.call(config_id, seqs)
+            ort_timings[key] = measure(f"ort config {config_id}", call, seqs.shape[0])
+            if config_id not in ort_errors:
+                with torch.inference_mode():
+                    want = model.score(seqs, torch.full((seqs.shape[0],), config_id))
+                ort_errors[config_id] = max_relative_error(call(), want)
+        return ort_timings[key].median
+
+    try:
+        cases = _cases(batches, mixes, backends, model, engines, measure, seq_len, num_items,
+                       seed, flops_one_largest, fractions, ort_seconds if ort else None,
+                       ort_errors)
+    finally:
+        if ort is not None:
+            ort.close()
+    return cases, list(backends)
+
+
+def _cases(batches, mixes, backends, model, engines, measure, seq_len, num_items, seed,
+           flops_one_largest, fractions, ort_seconds, ort_errors) -> list[dict]:
+    space = model.space
     cases = []
     for batch in batches:
         seqs = make_sequences(batch, num_items, seq_len, seed)
@@ -64,6 +102,7 @@ def run(
         for name in backends:
             shared[f"{name}_largest"] = measure(f"{name}_largest", calls[f"{name}_largest"],
                                                 batch)
+        ort_largest = None if ort_seconds is None else ort_seconds(space.largest_id, seqs)
         for mix in mixes:
             ids = make_config_ids(mix, batch, space, seq_len, num_items, seed)
             calls = method_calls(model, engines, seqs, ids)
@@ -77,8 +116,20 @@ def run(
             histogram = config_histogram(ids, space)
             flops_routed = batch_flops(histogram, space, seq_len, num_items)
             flops_largest = batch * flops_one_largest
-            metrics = case_metrics({k: t.median for k, t in timings.items()},
-                                   flops_routed, flops_largest, backends)
+            seconds = {k: t.median for k, t in timings.items()}
+            ort_case = None
+            if ort_seconds is not None:
+                lower, upper, weight = bracket(fractions, flops_routed / flops_largest)
+                lower_s, upper_s = ort_seconds(lower, seqs), ort_seconds(upper, seqs)
+                seconds[ORT_EQUAL_FLOPS] = (1 - weight) * lower_s + weight * upper_s
+                seconds[ORT_LARGEST] = ort_largest
+                ort_case = {"lower": lower, "upper": upper, "upper_weight": weight,
+                            "lower_s": lower_s, "upper_s": upper_s,
+                            "equal_flops_s": seconds[ORT_EQUAL_FLOPS],
+                            "equal_flops_users_per_s": batch / seconds[ORT_EQUAL_FLOPS],
+                            "largest_s": ort_largest,
+                            "max_rel_error": max(ort_errors[lower], ort_errors[upper])}
+            metrics = case_metrics(seconds, flops_routed, flops_largest, backends)
             for name in backends:
                 metrics["backends"][name]["users_per_s"] = batch / timings[name].median
                 metrics["backends"][name]["max_rel_error"] = errors[name]
@@ -91,5 +142,6 @@ def run(
                 "flops_largest": flops_largest,
                 **metrics,
                 "timings": {k: t.to_dict(batch) for k, t in timings.items()},
+                **({} if ort_case is None else {ORT: ort_case}),
             })
-    return cases, list(backends)
+    return cases

@@ -108,8 +108,13 @@ def _num(value: float | None, fmt: str = ".2f") -> str:
 def table_rows(cases: Sequence[Mapping], backends: Sequence[str]) -> tuple[list[str], list[list]]:
     """(header, rows) of the compact table: one row per (mix, batch)."""
     header = ["mix", "B", "flops", "ideal", "dense u/s", "masked u/s", "sliced u/s"]
+    with_ort = any("ort" in case for case in cases)
+    if with_ort:
+        header += ["ort= u/s", "ort full u/s"]
     for name in backends:
         header += [f"{name} u/s", f"{name} eff", f"{name} xdense", f"{name} xmasked"]
+        if with_ort:
+            header += [f"{name} xort="]
     rows = []
     for case in cases:
         timings = case["timings"]
@@ -120,12 +125,18 @@ def table_rows(cases: Sequence[Mapping], backends: Sequence[str]) -> tuple[list[
             _rate(timings["masked"]["users_per_s"]),
             _rate(timings["supernet_routed"]["users_per_s"]),
         ]
+        ort = case.get("ort")
+        if with_ort:
+            row += [_rate(ort and ort["equal_flops_users_per_s"]),
+                    _rate(ort and case["batch"] / ort["largest_s"])]
         for name in backends:
             entry = case["backends"].get(name, {})
             row += [
                 _rate(entry.get("users_per_s")), _num(entry.get("efficiency")),
                 _num(entry.get("speedup_vs_dense")), _num(entry.get("speedup_vs_masked")),
             ]
+            if with_ort:
+                row += [_num(entry.get("speedup_vs_ort_equal_flops"))]
         rows.append(row)
     return header, rows
 
@@ -172,12 +183,16 @@ def markdown(report: Mapping) -> str:
         + (" (quick)" if settings["quick"] else ""),
     ]
     for name, why in settings["backends_skipped"].items():
-        lines.append(f"- backend `{name}` not measured: {why}")
+        kind = "baseline" if name == "ort" else "backend"
+        lines.append(f"- {kind} `{name}` not measured: {why}")
     lines += [
         "",
         "flops = routed FLOPs / all-largest FLOPs; ideal = 1 / flops; eff = (same backend "
         "all-largest time / routed time) / ideal; xdense, xmasked = speedup over the PyTorch "
-        "supernet dense and the masked path; u/s = users per second.",
+        "supernet dense and the masked path; u/s = users per second."
+        + (" ort= = ONNX Runtime on the fixed sub-network of the batch's FLOPs (the two "
+           "configs nearest in FLOPs, interpolated); ort full = ONNX Runtime, largest config; "
+           "xort= = speedup over ort=." if settings.get("baselines_run") else ""),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",

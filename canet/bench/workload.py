@@ -40,6 +40,7 @@ __all__ = [
     "make_sequences",
     "method_calls",
     "paper_weights",
+    "route_like",
 ]
 
 # -- the fixed benchmark shape -------------------------------------------------------------
@@ -179,6 +180,39 @@ def make_config_ids(
         probs = paper_weights(space, seq_len, num_items)
         return torch.multinomial(probs, batch, replacement=True, generator=generator)
     raise ValueError(f"unknown routing mix {mix!r}; expected one of {MIXES}")
+
+
+def route_like(model: CANet, probs: Tensor, users: int = 4096, seed: int = DEFAULT_SEED) -> None:
+    """Shift ``model``'s router head bias (in place) so that its own argmax routing of seeded
+    random full-length histories follows ``probs`` ``[C]`` (e.g. :func:`paper_weights`); the
+    head's weight is rescaled too.
+
+    A benchmark that runs the real router (``canet bench --serve``) then serves a realistic mix
+    instead of whatever a random router picks (usually one or two configs). The bias only adds
+    to the logits, so it is fitted on the logits of ``users`` histories computed once: each
+    step moves every config's bias by the log ratio of wanted to routed shares; the bias of the
+    step with the smallest total variation from ``probs`` is kept.
+    """
+    seqs = make_sequences(users, model.num_items, model.max_len, seed + 1)
+    head = model.router.head
+    with torch.inference_mode():
+        logits = model.router(seqs).double() - head.bias.double()
+    # A random router's logits vary little between users (std ~0.2) next to their spread
+    # between configs: scale the head to a per-user std of 1, so a bias can steer the shares.
+    scale = 1.0 / float(logits.std(0).mean())
+    logits = logits * scale
+    want = probs.double().clamp_min(1e-12)
+    bias = -logits.mean(0)
+    best, best_bias = math.inf, bias.clone()
+    for _ in range(500):
+        routed = torch.bincount((logits + bias).argmax(1), minlength=len(want)).double() / users
+        error = float((routed - want).abs().sum())
+        if error < best:
+            best, best_bias = error, bias.clone()
+        bias += 0.2 * (want.log() - (routed + 0.5 / users).log())
+    with torch.no_grad():
+        head.weight.mul_(scale)
+        head.bias.copy_(best_bias.to(head.bias.dtype))
 
 
 def config_histogram(config_ids: Tensor, space: RoutingSpace) -> list[int]:

@@ -13,20 +13,14 @@ uvicorn and Starlette are imported only by :func:`run`, so ``canet --help`` neve
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import signal
-import socket
 import sys
 
 from ..errors import CanetError
 from .common import add_budget_arguments, budget_options
 
-__all__ = ["add_arguments", "run", "REQUIRED"]
+__all__ = ["add_arguments", "run"]
 
-# Import name -> the name pip installs it by (the extra "serve" in pyproject.toml).
-REQUIRED = {"starlette": "starlette", "uvicorn": "uvicorn",
-            "prometheus_client": "prometheus-client"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -58,46 +52,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_extra() -> None:
-    """CanetError naming the first package of the serve extra that cannot be imported."""
-    for module, package in REQUIRED.items():
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise CanetError(
-                f"canet serve needs the package {package!r}, which is not installed: "
-                "pip install 'canet[serve]'"
-            ) from None
+    """CanetError naming the first package of the serve extra that is not installed."""
+    from ..serve import MISSING_EXTRA_HINT, missing_package
 
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready TCP socket bound to ``host:port`` (port 0: a free port)."""
-    if not 0 <= port <= 65535:
-        raise CanetError(f"--port must be in [0, 65535], got {port}")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as error:
-        raise CanetError(f"--host {host!r}: {error.strerror or error}") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as error:
-        sock.close()
-        raise CanetError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-    sock.set_inheritable(True)
-    return sock
+    package = missing_package()
+    if package is not None:
+        raise CanetError(f"canet serve needs the package {package!r}, which is not installed: "
+                         f"{MISSING_EXTRA_HINT}")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise CanetError(f"serve: unknown arguments {extra}")
     check_extra()
-    import uvicorn
-
     from ..recommender import Recommender
-    from ..serve import create_app
+    from ..serve import bind, create_app, run_server
 
     budget, max_flops = budget_options(args)
     level = getattr(logging, args.log_level.upper())
@@ -124,21 +93,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"canet serve: listening on http://{shown}:{port} (backend {recommender.backend}, "
           f"max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms)", flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on")
-    server = uvicorn.Server(config)
-    # uvicorn handles SIGINT/SIGTERM (graceful shutdown) and re-raises the signal after it,
-    # with the handlers it found installed: these absorb it, so a graceful stop exits 0.
-    caught: list[int] = []
-    previous = {
-        sig: signal.signal(sig, lambda number, frame: caught.append(number))
-        for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        server.run(sockets=[sock])
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        sock.close()
-    if not server.started:
+    if not run_server(app, sock, args.log_level):
         raise CanetError("the server did not start (see the log above)")
     return 0
