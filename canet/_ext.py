@@ -29,7 +29,7 @@ __all__ = [
 
 # Operators the extension registers in the torch.ops.canet namespace.
 OPS: tuple[str, ...] = (
-    "plan", "routed_scores", "routed_last_hidden", "router_logits", "score_topk"
+    "plan", "routed_scores", "routed_last_hidden", "router_logits", "score_topk", "pack_panels"
 )
 
 _HOW_TO_GET = (

@@ -39,15 +39,21 @@ TORCH_LIBRARY(canet, m) {
   // The whole routed forward of a batch: scores [B, N+1] in input order (column 0 = -inf).
   // weights: item_emb, pos_emb, in_proj w/b, 14 per block (qkv w/b, out w/b, ln1 w/b,
   // fc1 w/b, fc2 w/b, ln2 w/b, res_scale1, res_scale2 as 0-d), out w/b. block_users: users per
-  // work item (0 = automatic).
+  // work item (0 = automatic). packed: [] or the pack_panels copies below (CPU, float32).
   m.def(
       "routed_scores(Tensor seqs, Tensor order, Tensor group_config, Tensor group_offsets, "
-      "Tensor config_table, Tensor[] weights, int heads, int block_users=0) -> Tensor");
+      "Tensor config_table, Tensor[] weights, int heads, int block_users=0, "
+      "Tensor[]? packed=None) -> Tensor");
   // The same forward, stopped before the output layer: the last position's hidden states
   // [B, H] in input order, zero past each user's hidden size (canet::score_topk's input).
   m.def(
       "routed_last_hidden(Tensor seqs, Tensor order, Tensor group_config, Tensor group_offsets, "
-      "Tensor config_table, Tensor[] weights, int heads, int block_users=0) -> Tensor");
+      "Tensor config_table, Tensor[] weights, int heads, int block_users=0, "
+      "Tensor[]? packed=None) -> Tensor");
+  // The float32 GEMM weights of routed_scores / routed_last_hidden packed once (their `packed`
+  // argument: in_proj, then per block q, k, v, out, fc1, fc2): rows [row0, row0 + rows) of
+  // weight as [ceil(rows / 16), K, 16] column panels (csrc/cpu/packed_gemm.h).
+  m.def("pack_panels(Tensor weight, int row0, int rows) -> Tensor");
   // Router logits [B, C]: weights item_emb, pos_emb, the 14 block tensors, head w/b.
   m.def("router_logits(Tensor seqs, Tensor[] weights, int heads, int block_users=0) -> Tensor");
   // Top-k items per user from last-position hidden states, without the [B, N+1] score matrix:

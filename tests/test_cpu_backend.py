@@ -138,6 +138,102 @@ def test_scores_see_in_place_weight_updates():
     assert relative_error(engine.score(seqs, ids), reference(model, seqs, ids)) < 1e-10
 
 
+# -- packed float32 GEMM weights (csrc/cpu/packed_gemm.h) -----------------------------------
+ODD_SPACE = RoutingSpace(depths=(1, 3), hidden=(8, 24, 40), emb=(4, 12), heads=4)
+
+
+def _unpacked(engine: Engine):
+    """The same engine with the ATen GEMMs (the op without packed weights)."""
+    impl = engine._impl
+
+    class Unpacked:
+        def __enter__(self):
+            impl._packable = False
+
+        def __exit__(self, *exc):
+            impl._packable = True
+
+    return Unpacked()
+
+
+@pytest.mark.parametrize("space", [None, ODD_SPACE], ids=["paper", "odd"])
+def test_packed_gemms_equal_aten_gemms_and_the_float64_model(space):
+    # Hidden sizes 8/24/40 leave partial 16-column panels; groups of 1..n users (rows 1..5
+    # past a multiple of 6 in the micro-kernel), heavy padding, a one-position user.
+    model = make_model(torch.float32, space=space)
+    engine = Engine(model, backend="cpu")
+    assert engine._impl.packed(), "float32 weights are packed"
+    n = len(model.space)
+    seqs = batch(3 * n + 5, seed=31)
+    ids = torch.randint(0, n, (seqs.shape[0],), generator=torch.Generator().manual_seed(8))
+    ids[:3] = 0  # one config with a group of several users
+    packed = engine.score(seqs, ids)
+    with _unpacked(engine):
+        aten = engine.score(seqs, ids)
+    want = reference(model.double(), seqs, ids)
+    model.float()
+    # As accurate as the ATen (MKL) float32 GEMMs, against the float64 model: the dtype rule.
+    assert relative_error(packed, want) <= 2 * relative_error(aten, want) + 1e-6
+    assert relative_error(packed, aten) < 3e-5
+    hidden = engine._impl.last_hidden(seqs, engine._plan(ids))
+    with _unpacked(engine):
+        assert relative_error(hidden, engine._impl.last_hidden(seqs, engine._plan(ids))) < 3e-5
+
+
+def test_packed_weights_follow_in_place_updates():
+    model = make_model(torch.float32, space=ODD_SPACE)
+    engine = Engine(model, backend="cpu")
+    seqs, ids = batch(6, 4), torch.tensor([0, 5, 11, 3, 11, 8])
+    engine.score(seqs, ids)  # packs
+    first = list(engine._impl.packed())
+    with torch.no_grad():
+        model.supernet.blocks[0].ffn.fc1.weight.mul_(-0.5)
+        model.supernet.in_proj.weight[:3] += 1.0
+    got = engine.score(seqs, ids)
+    assert relative_error(got, reference(model, seqs, ids)) < 2e-6
+    again = engine._impl.packed()
+    changed = [i for i, (a, b) in enumerate(zip(first, again, strict=True)) if a is not b]
+    assert changed == [0, 5]  # in_proj and block 0's fc1 re-packed, nothing else
+
+
+def test_float64_and_inference_tensor_weights_are_not_packed():
+    assert Engine(make_model(torch.float64), backend="cpu")._impl.packed() == []
+    with torch.inference_mode():
+        model = make_model(torch.float32).requires_grad_(False)
+        model = type(model).from_arch(model.arch).eval()  # parameters made in inference mode
+        model.load_state_dict(make_model(torch.float32).state_dict())
+    engine = Engine(model, backend="cpu")
+    assert engine._impl.packed() == []
+    seqs, ids = batch(5, 6), torch.tensor([0, 35, 20, 20, 9])
+    assert relative_error(engine.score(seqs, ids), reference(model, seqs, ids)) < 2e-6
+
+
+def test_pack_panels_layout_and_checks():
+    weight = torch.randn(37, 11)
+    got = torch.ops.canet.pack_panels(weight, 5, 30)
+    padded = torch.zeros(32, 11)
+    padded[:30] = weight[5:35]  # rows 5..34, zero-padded to whole panels of 16 rows
+    want = padded.view(2, 16, 11).permute(0, 2, 1)  # [panel, k, lane] = row 16 panel + lane
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match=r"rows \[30, 40\) must lie inside"):
+        torch.ops.canet.pack_panels(weight, 30, 10)
+    with pytest.raises(RuntimeError, match="must be a CPU float32 2-D tensor"):
+        torch.ops.canet.pack_panels(weight.double(), 0, 4)
+
+
+def test_routed_scores_checks_packed_weights():
+    model = make_model(torch.float32, space=ODD_SPACE)
+    engine = Engine(model, backend="cpu")
+    seqs, ids = batch(3, 7), torch.tensor([0, 1, 2])
+    args = op_args(engine, seqs, ids)
+    packed = list(engine._impl.packed())
+    with pytest.raises(RuntimeError, match=r"packed must be empty or hold 1 \+ 6 \* max_depth"):
+        routed(*args, 0, packed[:-1])
+    packed[2] = packed[2][:, :-1].contiguous()
+    with pytest.raises(RuntimeError, match=r"packed\[2\] \(k\) must have shape"):
+        routed(*args, 0, packed)
+
+
 def test_without_residual_scaling():
     torch.manual_seed(0)
     from canet import CANet

@@ -4,6 +4,13 @@
 group's users each), with GEMMs on prefix views of the max-size weights, fused attention,
 bias/GELU and residual/LayerNorm, and the last block and output layer on the last position
 only. ``canet::router_logits`` runs the router with the same block code.
+
+float32 engines also hold the supernet's GEMM weights packed once (``canet::pack_panels``, one
+copy serving every config's prefix slice: the block weights' size again), which the op uses on
+CPUs with AVX2 and FMA instead of letting MKL re-pack the weights on every call: at small
+batches that re-packing and the per-GEMM dispatch cost about as much as the arithmetic. The
+packs follow in-place updates of the model's weights: each call compares the weights' version
+counters with those packed, and re-packs what changed.
 """
 
 from __future__ import annotations
@@ -66,6 +73,25 @@ class Backend(base.Backend):
             weights += _block(state, f"supernet.blocks.{i}.", scaled)
         weights += [state["supernet.out.weight"], state["supernet.out.bias"]]
         self.weights = weights
+        # (weight, first row, rows) of each packed GEMM weight, in the op's order.
+        H = state["supernet.in_proj.weight"].shape[0]
+        self._pack_sources: list[tuple[Tensor, int, int]] = [
+            (state["supernet.in_proj.weight"], 0, H)]
+        for i in range(space.max_depth):
+            prefix = f"supernet.blocks.{i}."
+            qkv = state[prefix + "attn.qkv.weight"]
+            self._pack_sources += [
+                (qkv, 0, H), (qkv, H, H), (qkv, 2 * H, H),
+                (state[prefix + "attn.out.weight"], 0, H),
+                (state[prefix + "ffn.fc1.weight"], 0, 4 * H),
+                (state[prefix + "ffn.fc2.weight"], 0, H),
+            ]
+        # Inference tensors (weights made under torch.inference_mode) have no version counter
+        # to follow: they are not packed.
+        self._packable = self.dtype == torch.float32 and not any(
+            w.is_inference() for w, _, _ in self._pack_sources)
+        self._packed: list[Tensor] = []
+        self._packed_versions: list[int] = []
         self.router_weights = (
             [state["router.item_emb.weight"], state["router.pos_emb.weight"]]
             + _block(state, "router.block.", one)
@@ -90,9 +116,26 @@ class Backend(base.Backend):
         """The output layer's weight ``[N+1, H]`` and bias ``[N+1]``."""
         return self.weights[-2], self.weights[-1]
 
+    def packed(self) -> list[Tensor]:
+        """The packed GEMM weights, re-packed where a weight changed since (empty when not
+        packable: float64, or inference tensors)."""
+        if not self._packable:
+            return []
+        versions = [w._version for w, _, _ in self._pack_sources]
+        if versions != self._packed_versions:
+            old = self._packed
+            self._packed = [
+                old[i] if i < len(old) and v == self._packed_versions[i]
+                else torch.ops.canet.pack_panels(w, row0, rows)
+                for i, ((w, row0, rows), v) in enumerate(
+                    zip(self._pack_sources, versions, strict=True))
+            ]
+            self._packed_versions = versions
+        return self._packed
+
     def _routed_args(self, seqs: Tensor, plan: Plan, block_users: int) -> tuple:
         # routed_scores and routed_last_hidden share one signature.
         return (
             seqs, plan.order, plan.group_config, plan.group_offsets, self.table,
-            self.weights, self.heads, block_users,
+            self.weights, self.heads, block_users, self.packed(),
         )

@@ -5,12 +5,14 @@
 // Work is split into items of (one group, a run of its users). Items run in parallel, each on
 // one thread with its own workspace, when the extension is compiled with -fopenmp (see
 // worker_count); their GEMMs go through ATen on strided views of the max-size weights (a
-// config's weights are prefix slices, never copied).
+// config's weights are prefix slices, never copied), or, for float32 on AVX2 CPUs when the
+// caller passes them (`packed`), through packed_gemm.h on copies packed once per weight.
 //
 // Padding rows are dropped: a real query never attends to a padding key, and a padding query's
 // own state only feeds later padding rows, so padding positions cannot reach the last
 // (real) position the scores come from. Each user contributes its real positions only, which
 // keeps GEMM rows dense and makes attention purely causal.
+#include "packed_gemm.h"
 #include "routed_kernels.h"
 
 #include <ATen/ATen.h>
@@ -27,6 +29,7 @@
 #include <limits>
 #include <cstdint>
 #include <numeric>
+#include <optional>
 #include <type_traits>
 #include <string>
 #include <vector>
@@ -84,7 +87,17 @@ void check_tensor(const Tensor& t, const char* op, const std::string& name,
 struct BlockTensors {
   Tensor qkv_w, qkv_b, out_w, out_b, ln1_w, ln1_b, fc1_w, fc1_b, fc2_w, fc2_b, ln2_w, ln2_b;
   Tensor res1, res2;
+  // The float weights packed by canet::pack_panels (nullptr: GEMMs through ATen).
+  const float* packed_q = nullptr;
+  const float* packed_k = nullptr;
+  const float* packed_v = nullptr;
+  const float* packed_out = nullptr;
+  const float* packed_fc1 = nullptr;
+  const float* packed_fc2 = nullptr;
 };
+
+// Per supernet GEMM weight, in this order: in_proj, then per block q, k, v, out, fc1, fc2.
+constexpr int64_t kPackedPerBlock = 6;
 
 BlockTensors block_at(const std::vector<Tensor>& w, int64_t first, int64_t width,
                       at::ScalarType dtype, const char* op, const std::string& prefix) {
@@ -166,13 +179,14 @@ struct Workspace {
   }
 };
 
-// The weights as the kernels use them. Detached: the workers of at::parallel_for do not
-// inherit the caller's no_grad/inference mode, and mm_out refuses operands that require grad
-// (a model's Parameters passed directly).
+// The weights as the kernels use them. Detached where they require grad: the workers of
+// at::parallel_for do not inherit the caller's no_grad/inference mode, and mm_out refuses
+// operands that require grad (a model's Parameters passed directly). Others are used as given
+// (a detach per weight per call is measurable at batch 1).
 std::vector<Tensor> detached(at::TensorList weights) {
   std::vector<Tensor> out;
   out.reserve(weights.size());
-  for (const Tensor& t : weights) out.push_back(t.defined() ? t.detach() : t);
+  for (const Tensor& t : weights) out.push_back(t.defined() && t.requires_grad() ? t.detach() : t);
   return out;
 }
 
@@ -188,6 +202,21 @@ void matmul_nt(T* out, int64_t ldo, const T* a, int64_t lda, int64_t rows, const
                int64_t row0, int64_t n, int64_t k) {
   Tensor out_view = view(out, rows, n, ldo);
   at::mm_out(out_view, view(const_cast<T*>(a), rows, k, lda), w.narrow(0, row0, n).narrow(1, 0, k).t());
+}
+
+// The same product from the packed copy of w[row0 : row0 + n_max, :k_max] when there is one.
+template <typename T>
+void matmul_nt(T* out, int64_t ldo, const T* a, int64_t lda, int64_t rows, const Tensor& w,
+               int64_t row0, int64_t n, int64_t k, const float* packed) {
+#ifdef CANET_HAVE_PACKED_GEMM
+  if constexpr (std::is_same<T, float>::value) {
+    if (packed != nullptr) {
+      routed::gemm_packed(out, ldo, a, lda, rows, packed, w.size(1), n, k);
+      return;
+    }
+  }
+#endif
+  matmul_nt(out, ldo, a, lda, rows, w, row0, n, k);
 }
 
 // The fused loops, compiled for the build's baseline ISA and, on x86-64 with GCC or Clang, also
@@ -257,8 +286,8 @@ void run_block(const BlockTensors& blk, int64_t H, int64_t h, int64_t heads, boo
   const int64_t R = rows.rows;
   const int64_t U = rows.users;
   const T* qkv_b = blk.qkv_b.data_ptr<T>();
-  matmul_nt(ws.k, h, ws.x, h, R, blk.qkv_w, H, h, h);
-  matmul_nt(ws.v, h, ws.x, h, R, blk.qkv_w, 2 * H, h, h);
+  matmul_nt(ws.k, h, ws.x, h, R, blk.qkv_w, H, h, h, blk.packed_k);
+  matmul_nt(ws.v, h, ws.x, h, R, blk.qkv_w, 2 * H, h, h, blk.packed_v);
 
   // Rows that carry on past attention: every row, or each user's last one.
   T* x_rows = ws.x;
@@ -271,7 +300,7 @@ void run_block(const BlockTensors& blk, int64_t H, int64_t h, int64_t heads, boo
     x_rows = ws.last;
     M = U;
   }
-  matmul_nt(ws.q, h, x_rows, h, M, blk.qkv_w, 0, h, h);
+  matmul_nt(ws.q, h, x_rows, h, M, blk.qkv_w, 0, h, h, blk.packed_q);
 
   const Kernels<T>& kern = kernels<T>();
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(h / heads)));
@@ -285,13 +314,13 @@ void run_block(const BlockTensors& blk, int64_t H, int64_t h, int64_t heads, boo
                               scale, ws.o + out_row * h, h, ws.scratch);
   }
 
-  matmul_nt(ws.q, h, ws.o, h, M, blk.out_w, 0, h, h);
+  matmul_nt(ws.q, h, ws.o, h, M, blk.out_w, 0, h, h, blk.packed_out);
   kern.layer_norm(x_rows, h, ws.q, h, blk.out_b.data_ptr<T>(),
                                  *blk.res1.data_ptr<T>(), blk.ln1_w.data_ptr<T>(),
                                  blk.ln1_b.data_ptr<T>(), M, h, ws.scratch);
-  matmul_nt(ws.u, 4 * h, x_rows, h, M, blk.fc1_w, 0, 4 * h, h);
+  matmul_nt(ws.u, 4 * h, x_rows, h, M, blk.fc1_w, 0, 4 * h, h, blk.packed_fc1);
   kern.bias_gelu(ws.u, M, 4 * h, 4 * h, blk.fc1_b.data_ptr<T>());
-  matmul_nt(ws.q, h, ws.u, 4 * h, M, blk.fc2_w, 0, h, 4 * h);
+  matmul_nt(ws.q, h, ws.u, 4 * h, M, blk.fc2_w, 0, h, 4 * h, blk.packed_fc2);
   kern.layer_norm(x_rows, h, ws.q, h, blk.fc2_b.data_ptr<T>(),
                                  *blk.res2.data_ptr<T>(), blk.ln2_w.data_ptr<T>(),
                                  blk.ln2_b.data_ptr<T>(), M, h, ws.scratch);
@@ -422,7 +451,8 @@ void routed_forward_impl(const Tensor& seqs, const int64_t* order, const int64_t
                          const int64_t* group_offsets, int64_t num_groups, const int64_t* table,
                          const std::vector<Tensor>& w, int64_t depth_max, int64_t heads,
                          int64_t block_users, const std::vector<BlockTensors>& blocks,
-                         const std::vector<int64_t>& lengths, Output output, Tensor& out) {
+                         const float* packed_in, const std::vector<int64_t>& lengths,
+                         Output output, Tensor& out) {
   const int64_t L = seqs.size(1);
   const Tensor& item_emb = w[0];
   const Tensor& pos_emb = w[1];
@@ -478,7 +508,7 @@ void routed_forward_impl(const Tensor& seqs, const int64_t* order, const int64_t
     Workspace<T> ws(buffer.data_ptr<T>() + worker * ws_size, rows.rows, rows.users, H);
 
     embed<T>(rows, item_emb, pos_emb, e, ws.scratch);
-    matmul_nt(ws.x, h, ws.scratch, e, rows.rows, in_w, 0, h, e);
+    matmul_nt(ws.x, h, ws.scratch, e, rows.rows, in_w, 0, h, e, packed_in);
     for (int64_t r = 0; r < rows.rows; ++r) {
       T* xr = ws.x + r * h;
       for (int64_t c = 0; c < h; ++c) xr[c] += in_b[c];
@@ -516,7 +546,7 @@ void routed_forward_impl(const Tensor& seqs, const int64_t* order, const int64_t
 Tensor routed_forward_cpu(const Tensor& seqs_in, const Tensor& order_in,
                           const Tensor& group_config_in, const Tensor& group_offsets_in,
                           const Tensor& config_table_in, at::TensorList weights, int64_t heads,
-                          int64_t block_users, Output output) {
+                          int64_t block_users, at::TensorList packed, Output output) {
   const char* op =
       output == Output::kScores ? "canet::routed_scores" : "canet::routed_last_hidden";
   c10::InferenceMode guard;
@@ -552,6 +582,34 @@ Tensor routed_forward_cpu(const Tensor& seqs_in, const Tensor& order_in,
                {rows_items, H}, dtype);
   check_tensor(w[out_at + 1], op, "weights[" + std::to_string(out_at + 1) + "] (out.bias)",
                {rows_items}, dtype);
+  // packed: empty, or canet::pack_panels of in_proj and of every block's q, k, v, out, fc1,
+  // fc2 (float32 only); used where the CPU has AVX2 and FMA, ignored elsewhere.
+  const int64_t packed_count = static_cast<int64_t>(packed.size());
+  TORCH_CHECK(packed_count == 0 || packed_count == 1 + kPackedPerBlock * depth_max, op,
+              ": packed must be empty or hold 1 + ", kPackedPerBlock, " * max_depth = ",
+              1 + kPackedPerBlock * depth_max, " tensors (canet::pack_panels of in_proj, then "
+              "per block q, k, v, out, fc1, fc2), got ", packed_count);
+  const float* packed_in = nullptr;
+  if (packed_count > 0) {
+    TORCH_CHECK(dtype == at::kFloat, op, ": packed weights are for float32 weights, got ",
+                dtype, " weights");
+    auto panels = [&](int64_t j, int64_t n_max, int64_t k_max, const char* name) {
+      check_tensor(packed[j], op, "packed[" + std::to_string(j) + "] (" + name + ")",
+                   {routed::panel_count(n_max), k_max, routed::kPanel}, at::kFloat);
+      return routed::packed_gemm_supported() ? packed[j].data_ptr<float>() : nullptr;
+    };
+    packed_in = panels(0, H, E, "in_proj");
+    for (int64_t i = 0; i < depth_max; ++i) {
+      const int64_t j = 1 + kPackedPerBlock * i;
+      BlockTensors& b = blocks[i];
+      b.packed_q = panels(j, H, H, "q");
+      b.packed_k = panels(j + 1, H, H, "k");
+      b.packed_v = panels(j + 2, H, H, "v");
+      b.packed_out = panels(j + 3, H, H, "out");
+      b.packed_fc1 = panels(j + 4, 4 * H, H, "fc1");
+      b.packed_fc2 = panels(j + 5, H, 4 * H, "fc2");
+    }
+  }
 
   const Tensor config_table = config_table_in.contiguous();
   TORCH_CHECK(config_table.device().is_cpu() && config_table.scalar_type() == at::kLong &&
@@ -612,23 +670,46 @@ Tensor routed_forward_cpu(const Tensor& seqs_in, const Tensor& order_in,
       real_lengths(seqs.data_ptr<int64_t>(), B, L, rows_items, op);
   AT_DISPATCH_FLOATING_TYPES(dtype, "canet::routed_forward", [&] {
     routed_forward_impl<scalar_t>(seqs, ord, gc, go, G, table, w, depth_max, heads, block_users,
-                                  blocks, lengths, output, out);
+                                  blocks, packed_in, lengths, output, out);
   });
   return out;
 }
 
 Tensor routed_scores_cpu(const Tensor& seqs, const Tensor& order, const Tensor& group_config,
                          const Tensor& group_offsets, const Tensor& config_table,
-                         at::TensorList weights, int64_t heads, int64_t block_users) {
+                         at::TensorList weights, int64_t heads, int64_t block_users,
+                         const std::optional<std::vector<Tensor>>& packed) {
   return routed_forward_cpu(seqs, order, group_config, group_offsets, config_table, weights,
-                            heads, block_users, Output::kScores);
+                            heads, block_users, packed ? at::TensorList(*packed) : at::TensorList(),
+                            Output::kScores);
 }
 
 Tensor routed_last_hidden_cpu(const Tensor& seqs, const Tensor& order, const Tensor& group_config,
                               const Tensor& group_offsets, const Tensor& config_table,
-                              at::TensorList weights, int64_t heads, int64_t block_users) {
+                              at::TensorList weights, int64_t heads, int64_t block_users,
+                              const std::optional<std::vector<Tensor>>& packed) {
   return routed_forward_cpu(seqs, order, group_config, group_offsets, config_table, weights,
-                            heads, block_users, Output::kLastHidden);
+                            heads, block_users, packed ? at::TensorList(*packed) : at::TensorList(),
+                            Output::kLastHidden);
+}
+
+// canet::pack_panels: rows [row0, row0 + rows) of a float32 2-D weight as the panels
+// [ceil(rows / 16), K, 16] of packed_gemm.h (zero past `rows`).
+Tensor pack_panels_cpu(const Tensor& weight_in, int64_t row0, int64_t rows) {
+  constexpr const char* op = "canet::pack_panels";
+  c10::InferenceMode guard;
+  TORCH_CHECK(weight_in.device().is_cpu() && weight_in.scalar_type() == at::kFloat &&
+                  weight_in.dim() == 2,
+              op, ": weight must be a CPU float32 2-D tensor, got ", weight_in.scalar_type(),
+              " ", shape_str(weight_in.sizes()), " on ", weight_in.device());
+  TORCH_CHECK(row0 >= 0 && rows >= 1 && row0 + rows <= weight_in.size(0), op,
+              ": rows [", row0, ", ", row0 + rows, ") must lie inside the weight's ",
+              weight_in.size(0), " rows");
+  const Tensor weight = weight_in.detach().contiguous();
+  const int64_t K = weight.size(1);
+  Tensor out = at::empty({routed::panel_count(rows), K, routed::kPanel}, weight.options());
+  routed::pack_panels(weight.data_ptr<float>(), K, row0, rows, K, out.data_ptr<float>());
+  return out;
 }
 
 template <typename T>
@@ -726,4 +807,5 @@ TORCH_LIBRARY_IMPL(canet, CPU, m) {
   m.impl("routed_scores", &canet::routed_scores_cpu);
   m.impl("routed_last_hidden", &canet::routed_last_hidden_cpu);
   m.impl("router_logits", &canet::router_logits_cpu);
+  m.impl("pack_panels", &canet::pack_panels_cpu);
 }
