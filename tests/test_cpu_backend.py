@@ -180,6 +180,23 @@ def test_packed_gemms_equal_aten_gemms_and_the_float64_model(space):
         assert relative_error(hidden, engine._impl.last_hidden(seqs, engine._plan(ids))) < 3e-5
 
 
+def test_one_user_on_two_threads_is_bitwise_the_one_thread_result():
+    # A batch of one work item: the packed GEMMs split their columns over the threads.
+    model = make_model(torch.float32)
+    engine = Engine(model, backend="cpu")
+    seqs, ids = batch(1, 9, heavy_padding=False), torch.tensor([35])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = engine.score(seqs, ids)
+        torch.set_num_threads(2)
+        two = engine.score(seqs, ids)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    assert relative_error(one, reference(model, seqs, ids)) < 1e-4
+
+
 def test_packed_weights_follow_in_place_updates():
     model = make_model(torch.float32, space=ODD_SPACE)
     engine = Engine(model, backend="cpu")

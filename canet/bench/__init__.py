@@ -53,7 +53,7 @@ from .report import (
     write_json_and_markdown,
     write_plots,
 )
-from .timing import CLOCKS, Timing, graph_of, time_call, time_repeats
+from .timing import CLOCKS, Timing, graph_of, time_call, time_interleaved, time_repeats
 from .workload import (
     BASELINES,
     BATCHES,
@@ -123,6 +123,7 @@ __all__ = [
     "speedup",
     "table_rows",
     "time_call",
+    "time_interleaved",
     "time_repeats",
     "write_json_and_markdown",
     "write_plots",

@@ -14,9 +14,9 @@ import torch
 
 from ..engine import Engine
 from ..flops import batch_flops, config_flops
-from .analysis import ORT_EQUAL_FLOPS, ORT_LARGEST, case_metrics, max_relative_error
+from .analysis import ORT_LARGEST, case_metrics, max_relative_error, speedup
 from .onnx_baseline import ORT, OrtSubnetworks, bracket
-from .timing import Timing, time_call
+from .timing import Timing, time_call, time_interleaved
 from .workload import (
     DEFAULT_SEED,
     NUM_ITEMS,
@@ -63,24 +63,38 @@ def run(
         return timing
 
     ort = OrtSubnetworks(model, torch.get_num_threads(), log) if ORT in baselines else None
-    ort_timings: dict[tuple[int, int], Timing] = {}  # (config, batch): shared by the mixes
     ort_errors: dict[int, float] = {}
 
-    def ort_seconds(config_id: int, seqs) -> float:
-        key = (config_id, seqs.shape[0])
-        if key not in ort_timings:
-            call = ort.call(config_id, seqs)
-            ort_timings[key] = measure(f"ort config {config_id}", call, seqs.shape[0])
+    def ort_case(seqs, flops_fraction: float, routed: dict[str, Callable[[], object]]) -> dict:
+        """ONNX Runtime at the two configs nearest in FLOPs, timed interleaved with the
+        engines' routed calls (a ratio of back-to-back medians would carry the machine's
+        drift), and ONNX Runtime's largest config."""
+        batch = seqs.shape[0]
+        lower, upper, weight = bracket(fractions, flops_fraction)
+        calls = {f"ort config {c}": ort.call(c, seqs) for c in dict.fromkeys((lower, upper))}
+        for config_id in (lower, upper):
             if config_id not in ort_errors:
                 with torch.inference_mode():
-                    want = model.score(seqs, torch.full((seqs.shape[0],), config_id))
-                ort_errors[config_id] = max_relative_error(call(), want)
-        return ort_timings[key].median
+                    want = model.score(seqs, torch.full((batch,), config_id))
+                ort_errors[config_id] = max_relative_error(calls[f"ort config {config_id}"](),
+                                                           want)
+        timings = time_interleaved({**calls, **routed}, min_time * len(calls | routed),
+                                   rounds=5, warmup_time=warmup_time)
+        for label, timing in timings.items():
+            log(f"  B={batch:<4} {label + ' (interleaved)':<34} {timing.median * 1e3:10.2f} "
+                f"ms/call ({len(timing.times)} repeats)")
+        lower_s = timings[f"ort config {lower}"].median
+        upper_s = timings[f"ort config {upper}"].median
+        equal = (1 - weight) * lower_s + weight * upper_s
+        return {"lower": lower, "upper": upper, "upper_weight": weight,
+                "lower_s": lower_s, "upper_s": upper_s, "equal_flops_s": equal,
+                "equal_flops_users_per_s": batch / equal,
+                "routed_s": {name: timings[name].median for name in routed},
+                "max_rel_error": max(ort_errors[lower], ort_errors[upper])}
 
     try:
         cases = _cases(batches, mixes, backends, model, engines, measure, seq_len, num_items,
-                       seed, flops_one_largest, fractions, ort_seconds if ort else None,
-                       ort_errors)
+                       seed, flops_one_largest, ort, ort_case)
     finally:
         if ort is not None:
             ort.close()
@@ -88,7 +102,7 @@ def run(
 
 
 def _cases(batches, mixes, backends, model, engines, measure, seq_len, num_items, seed,
-           flops_one_largest, fractions, ort_seconds, ort_errors) -> list[dict]:
+           flops_one_largest, ort, ort_case) -> list[dict]:
     space = model.space
     cases = []
     for batch in batches:
@@ -102,7 +116,9 @@ def _cases(batches, mixes, backends, model, engines, measure, seq_len, num_items
         for name in backends:
             shared[f"{name}_largest"] = measure(f"{name}_largest", calls[f"{name}_largest"],
                                                 batch)
-        ort_largest = None if ort_seconds is None else ort_seconds(space.largest_id, seqs)
+        ort_largest = None
+        if ort is not None:
+            ort_largest = measure("ort largest", ort.call(space.largest_id, seqs), batch).median
         for mix in mixes:
             ids = make_config_ids(mix, batch, space, seq_len, num_items, seed)
             calls = method_calls(model, engines, seqs, ids)
@@ -117,19 +133,18 @@ def _cases(batches, mixes, backends, model, engines, measure, seq_len, num_items
             flops_routed = batch_flops(histogram, space, seq_len, num_items)
             flops_largest = batch * flops_one_largest
             seconds = {k: t.median for k, t in timings.items()}
-            ort_case = None
-            if ort_seconds is not None:
-                lower, upper, weight = bracket(fractions, flops_routed / flops_largest)
-                lower_s, upper_s = ort_seconds(lower, seqs), ort_seconds(upper, seqs)
-                seconds[ORT_EQUAL_FLOPS] = (1 - weight) * lower_s + weight * upper_s
+            ort_record = None
+            if ort is not None:
+                ort_record = ort_case(seqs, flops_routed / flops_largest,
+                                      {name: calls[name] for name in backends})
+                ort_record["largest_s"] = ort_largest
                 seconds[ORT_LARGEST] = ort_largest
-                ort_case = {"lower": lower, "upper": upper, "upper_weight": weight,
-                            "lower_s": lower_s, "upper_s": upper_s,
-                            "equal_flops_s": seconds[ORT_EQUAL_FLOPS],
-                            "equal_flops_users_per_s": batch / seconds[ORT_EQUAL_FLOPS],
-                            "largest_s": ort_largest,
-                            "max_rel_error": max(ort_errors[lower], ort_errors[upper])}
             metrics = case_metrics(seconds, flops_routed, flops_largest, backends)
+            if ort_record is not None:
+                # Against ONNX Runtime: the engines' times from the interleaved rounds.
+                for name in backends:
+                    metrics["backends"][name]["speedup_vs_ort_equal_flops"] = speedup(
+                        ort_record["equal_flops_s"], ort_record["routed_s"][name])
             for name in backends:
                 metrics["backends"][name]["users_per_s"] = batch / timings[name].median
                 metrics["backends"][name]["max_rel_error"] = errors[name]
@@ -142,6 +157,6 @@ def _cases(batches, mixes, backends, model, engines, measure, seq_len, num_items
                 "flops_largest": flops_largest,
                 **metrics,
                 "timings": {k: t.to_dict(batch) for k, t in timings.items()},
-                **({} if ort_case is None else {ORT: ort_case}),
+                **({} if ort_record is None else {ORT: ort_record}),
             })
     return cases

@@ -17,7 +17,7 @@ import torch
 
 from ..backends.base import capture_cuda_graph
 
-__all__ = ["CLOCKS", "Timing", "graph_of", "time_call", "time_repeats"]
+__all__ = ["CLOCKS", "Timing", "graph_of", "time_call", "time_interleaved", "time_repeats"]
 
 # "wall": time.perf_counter around each call (the call must finish on return: CPU work).
 # "cuda": a pair of CUDA events around each call, read after the end event completes: the
@@ -103,6 +103,27 @@ def time_repeats(
     (:func:`time_call` with no time budget)."""
     return time_call(fn, min_time=0.0, min_repeats=repeats, warmup_time=0.0,
                      max_repeats=repeats, warmup_calls=warmup_calls, clock=clock)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    min_time: float = 1.0,
+    rounds: int = 5,
+    warmup_time: float = 0.2,
+) -> dict[str, Timing]:
+    """:func:`time_call` of several callables in ``rounds`` interleaved rounds, the repeats
+    of all rounds pooled per callable. Each round times every callable for ``min_time /
+    rounds`` seconds (at least one call, after one untimed call: the others ran in between).
+    A ratio of two medians is then not skewed by the machine getting busier or quieter
+    between two back-to-back measurements."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    pooled: dict[str, list[float]] = {name: [] for name in fns}
+    for index in range(rounds):
+        for name, fn in fns.items():
+            timing = time_call(fn, min_time / rounds, 1, warmup_time if index == 0 else 0.0)
+            pooled[name].extend(timing.times)
+    return {name: Timing(tuple(times)) for name, times in pooled.items()}
 
 
 def _wall_seconds(fn: Callable[[], object]) -> float:

@@ -60,6 +60,9 @@ double target_item_cost(double total_cost) {
   return total_cost / static_cast<double>(items);
 }
 constexpr int64_t kMaxItemRows = 1024;
+// A packed GEMM called outside a parallel region (a batch of one work item) splits its columns
+// over the threads from this many multiply-adds (~30 us on one core; a fork costs a few us).
+constexpr int64_t kParallelGemmWork = int64_t{1} << 20;
 
 std::string shape_str(at::IntArrayRef sizes) {
   std::string text = "[";
@@ -70,17 +73,28 @@ std::string shape_str(at::IntArrayRef sizes) {
   return text + "]";
 }
 
-void check_tensor(const Tensor& t, const char* op, const std::string& name,
-                  std::vector<int64_t> expected, at::ScalarType dtype) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ",
+// `name()` builds the tensor's name for the message, only when a check fails: the ops check
+// every weight on every call, and building ~120 strings cost ~10 us per call at batch 1.
+template <typename NameFn>
+void check_tensor(const Tensor& t, const char* op, const NameFn& name, at::IntArrayRef expected,
+                  at::ScalarType dtype) {
+  if (t.defined() && t.device().is_cpu() && t.scalar_type() == dtype && t.sizes() == expected &&
+      t.is_contiguous()) {
+    return;
+  }
+  TORCH_CHECK(t.defined(), op, ": ", name(), " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name(), " must be a CPU tensor, got device ",
               t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ",
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name(), " must have dtype ", dtype, ", got ",
               t.scalar_type());
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), op, ": ", name, " must have shape ",
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name(), " must have shape ",
               shape_str(expected), ", got ", shape_str(t.sizes()));
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (strides ",
-              t.strides(), " given)");
+  TORCH_CHECK(false, op, ": ", name(), " must be contiguous (strides ", t.strides(), " given)");
+}
+
+void check_tensor(const Tensor& t, const char* op, const char* name, at::IntArrayRef expected,
+                  at::ScalarType dtype) {
+  check_tensor(t, op, [name] { return std::string(name); }, expected, dtype);
 }
 
 // One transformer block at max width `width` (rows of every matrix have `width`-based strides).
@@ -100,20 +114,26 @@ struct BlockTensors {
 constexpr int64_t kPackedPerBlock = 6;
 
 BlockTensors block_at(const std::vector<Tensor>& w, int64_t first, int64_t width,
-                      at::ScalarType dtype, const char* op, const std::string& prefix) {
+                      at::ScalarType dtype, const char* op, const char* prefix, int64_t block) {
   static const char* names[kTensorsPerBlock] = {
       "attn.qkv.weight", "attn.qkv.bias", "attn.out.weight", "attn.out.bias",
       "ln1.weight",      "ln1.bias",      "ffn.fc1.weight",  "ffn.fc1.bias",
       "ffn.fc2.weight",  "ffn.fc2.bias",  "ln2.weight",      "ln2.bias",
       "res_scale1",      "res_scale2"};
   const int64_t H = width;
-  const std::vector<std::vector<int64_t>> shapes = {
-      {3 * H, H}, {3 * H}, {H, H}, {H}, {H}, {H}, {4 * H, H}, {4 * H}, {H, 4 * H}, {H}, {H}, {H},
-      {},         {}};
+  const int64_t shapes[kTensorsPerBlock][2] = {
+      {3 * H, H}, {3 * H, 0}, {H, H}, {H, 0}, {H, 0}, {H, 0}, {4 * H, H}, {4 * H, 0}, {H, 4 * H},
+      {H, 0},     {H, 0},     {H, 0}, {0, 0}, {0, 0}};
   for (int64_t i = 0; i < kTensorsPerBlock; ++i) {
-    check_tensor(w[first + i], op, "weights[" + std::to_string(first + i) + "] (" + prefix +
-                                       names[i] + ")",
-                 shapes[i], dtype);
+    const int64_t rank = shapes[i][0] == 0 ? 0 : shapes[i][1] == 0 ? 1 : 2;
+    check_tensor(
+        w[first + i], op,
+        [&] {
+          const std::string where = block < 0 ? std::string(prefix) + "."
+                                              : prefix + std::to_string(block) + ".";
+          return "weights[" + std::to_string(first + i) + "] (" + where + names[i] + ")";
+        },
+        at::IntArrayRef(shapes[i], rank), dtype);
   }
   const Tensor* t = w.data() + first;
   return {t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10], t[11], t[12], t[13]};
@@ -211,7 +231,23 @@ void matmul_nt(T* out, int64_t ldo, const T* a, int64_t lda, int64_t rows, const
 #ifdef CANET_HAVE_PACKED_GEMM
   if constexpr (std::is_same<T, float>::value) {
     if (packed != nullptr) {
-      routed::gemm_packed(out, ldo, a, lda, rows, packed, w.size(1), n, k);
+      const int64_t k_max = w.size(1);
+      const int64_t panels = routed::panel_count(n);
+      const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+      if (threads > 1 && rows * n * k >= kParallelGemmWork && panels > 1) {
+        // One work item (one user, say) on several threads: split the columns, in whole
+        // panels, as MKL would split its GEMM. Each output element's sum is unchanged, so the
+        // result does not depend on the thread count.
+        const int64_t grain = std::max<int64_t>(1, panels / threads);
+        at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+          const int64_t c0 = p0 * routed::kPanel;
+          const int64_t c1 = std::min(n, p1 * routed::kPanel);
+          routed::gemm_packed(out + c0, ldo, a, lda, rows, packed + p0 * k_max * routed::kPanel,
+                              k_max, c1 - c0, k);
+        });
+        return;
+      }
+      routed::gemm_packed(out, ldo, a, lda, rows, packed, k_max, n, k);
       return;
     }
   }
@@ -574,13 +610,14 @@ Tensor routed_forward_cpu(const Tensor& seqs_in, const Tensor& order_in,
   check_tensor(w[3], op, "weights[3] (in_proj.bias)", {H}, dtype);
   std::vector<BlockTensors> blocks;
   for (int64_t i = 0; i < depth_max; ++i) {
-    blocks.push_back(block_at(w, 4 + kTensorsPerBlock * i, H, dtype, op,
-                              "blocks." + std::to_string(i) + "."));
+    blocks.push_back(block_at(w, 4 + kTensorsPerBlock * i, H, dtype, op, "blocks.", i));
   }
   const int64_t out_at = 4 + kTensorsPerBlock * depth_max;
-  check_tensor(w[out_at], op, "weights[" + std::to_string(out_at) + "] (out.weight)",
+  check_tensor(w[out_at], op,
+               [&] { return "weights[" + std::to_string(out_at) + "] (out.weight)"; },
                {rows_items, H}, dtype);
-  check_tensor(w[out_at + 1], op, "weights[" + std::to_string(out_at + 1) + "] (out.bias)",
+  check_tensor(w[out_at + 1], op,
+               [&] { return "weights[" + std::to_string(out_at + 1) + "] (out.bias)"; },
                {rows_items}, dtype);
   // packed: empty, or canet::pack_panels of in_proj and of every block's q, k, v, out, fc1,
   // fc2 (float32 only); used where the CPU has AVX2 and FMA, ignored elsewhere.
@@ -594,7 +631,8 @@ Tensor routed_forward_cpu(const Tensor& seqs_in, const Tensor& order_in,
     TORCH_CHECK(dtype == at::kFloat, op, ": packed weights are for float32 weights, got ",
                 dtype, " weights");
     auto panels = [&](int64_t j, int64_t n_max, int64_t k_max, const char* name) {
-      check_tensor(packed[j], op, "packed[" + std::to_string(j) + "] (" + name + ")",
+      check_tensor(packed[j], op,
+                   [&] { return "packed[" + std::to_string(j) + "] (" + name + ")"; },
                    {routed::panel_count(n_max), k_max, routed::kPanel}, at::kFloat);
       return routed::packed_gemm_supported() ? packed[j].data_ptr<float>() : nullptr;
     };
@@ -780,7 +818,7 @@ Tensor router_logits_cpu(const Tensor& seqs_in, at::TensorList weights, int64_t 
   TORCH_CHECK(H % heads == 0, op, ": router dim ", H, " must be divisible by heads=", heads);
   check_tensor(w[0], op, "weights[0] (item_emb.weight)", {rows_items, H}, dtype);
   check_tensor(w[1], op, "weights[1] (pos_emb.weight)", {L, H}, dtype);
-  const BlockTensors blk = block_at(w, 2, H, dtype, op, "block.");
+  const BlockTensors blk = block_at(w, 2, H, dtype, op, "block", -1);
   TORCH_CHECK(w[2 + kTensorsPerBlock].defined() && w[2 + kTensorsPerBlock].dim() == 2, op,
               ": weights[", 2 + kTensorsPerBlock, "] (head.weight) must be 2-D [C, dim]");
   const int64_t C = w[2 + kTensorsPerBlock].size(0);
