@@ -6,6 +6,7 @@ the sub-network it is routed to, so the FLOPs the router saves are really saved.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -182,6 +183,8 @@ class Engine:
             model, budget, max_flops, penalty=penalty, table=budget_table
         )
         self.budget = budget
+        self._model = model  # for with_budget
+        self._budget_table = budget_table
         self._penalty_vector = (
             None if self.penalty is None
             else self.penalty.vector(model.flops_fractions, self.device)
@@ -221,6 +224,22 @@ class Engine:
             config_ids, routed = self._last_batch
             self._last_plan = self._summarize(self._plan(config_ids), routed)
         return self._last_plan
+
+    def with_budget(self, budget: float | None = None, max_flops: float | None = None) -> Engine:
+        """This engine under another serve-time ``budget`` / ``max_flops`` (as the constructor
+        takes them): a new Engine that shares this one's backend, so its weights, packed
+        copies and compiled kernels, already warm, are not built a second time."""
+        penalty = routing_penalty(self._model, budget, max_flops, table=self._budget_table)
+        other = copy.copy(self)
+        other.penalty = penalty
+        other.budget = budget
+        other._penalty_vector = (
+            None if penalty is None
+            else penalty.vector(self._model.flops_fractions, self.device)
+        )
+        other._last_batch = None
+        other._last_plan = None
+        return other
 
     def route(self, seqs: Tensor) -> Tensor:
         """Config id per user (argmax of the router). seqs ``[B, L]`` -> ``[B]`` int64."""

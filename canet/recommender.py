@@ -14,6 +14,7 @@ recs.csv`` (:mod:`canet.cli.recommend`) is the command-line version.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -105,6 +106,19 @@ class Recommender:
         fixed = loaded.config.fixed_config_id(model.space)
         return cls(model, loaded.vocab, backend=backend, fixed_config_id=fixed, budget=budget,
                    max_flops=max_flops)
+
+    def with_budget(self, budget: float | None = None,
+                    max_flops: float | None = None) -> Recommender:
+        """This recommender under another serve-time ``budget`` / ``max_flops``: shares the
+        model, the vocabulary and the engine's backend (:meth:`canet.Engine.with_budget`), so
+        nothing is loaded, copied or warmed up again. BudgetError as the constructor."""
+        if budget is not None or max_flops is not None:
+            check_routed(self.fixed_config_id, "a budget or max_flops")
+        other = copy.copy(self)
+        other.engine = self.engine.with_budget(budget, max_flops)
+        other.last_unknown = {}
+        other.last_config_ids = {}
+        return other
 
     @property
     def backend(self) -> str:

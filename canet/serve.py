@@ -422,11 +422,9 @@ class Service:
             return self.recommender
         found = self._engines.get(budget)
         if found is None:
-            base = self.recommender
-            found = Recommender(self.model, self.vocab, backend=base.backend,
-                                fixed_config_id=base.fixed_config_id,
-                                batch_size=max(base.batch_size, self.max_batch_size),
-                                budget=budget, max_flops=self.max_flops)
+            # Shares the default recommender's warm backend (weights, packed copies): a new
+            # budget costs its penalty vector, not a second model or another warm-up.
+            found = self.recommender.with_budget(budget, self.max_flops)
             self._engines[budget] = found
             while len(self._engines) > self.max_engines:
                 self._engines.popitem(last=False)
@@ -626,14 +624,23 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 
-def run_server(app, sock: socket.socket, log_level: str = "info") -> bool:
+def run_server(app, sock: socket.socket, log_level: str = "info",
+               shutdown_timeout: float | None = None) -> bool:
     """Serve ``app`` with uvicorn on the bound ``sock`` until SIGINT/SIGTERM (graceful: uvicorn
-    stops accepting and waits for the accepted requests; the app's lifespan then drains the
+    stops accepting and waits for the accepted requests, at most ``shutdown_timeout`` seconds
+    when given, after which it cancels those still open; the app's lifespan then drains the
     batcher). Returns whether the server started. The signal that stopped it is absorbed, so
     the caller returns normally (exit 0) after a graceful stop."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on")
+    if shutdown_timeout is not None and not (
+        isinstance(shutdown_timeout, (int, float)) and math.isfinite(shutdown_timeout)
+        and shutdown_timeout >= 0
+    ):
+        raise CanetError(f"the shutdown timeout must be a finite number >= 0 seconds, got "
+                         f"{shutdown_timeout!r}")
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=shutdown_timeout)
     server = uvicorn.Server(config)
     # uvicorn handles SIGINT/SIGTERM (graceful shutdown) and re-raises the signal after it,
     # with the handlers it found installed: these absorb it, so a graceful stop exits 0.

@@ -596,6 +596,47 @@ def test_engine_budget_uses_the_table(backend):
     )
 
 
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_engine_with_budget_shares_the_backend_and_routes_as_a_new_engine(backend):
+    model = make_model(space=SPACE, seed=6)
+    seqs = batch(29, seed=5)
+    table = small_table()
+    base = Engine(model, backend=backend, budget_table=table)
+    base.score(seqs)  # warm: the derived engines must not disturb its state
+    for budget, cap in ((0.3, None), (0.15, 0.3), (None, 0.5), (None, None)):
+        derived = base.with_budget(budget, cap)
+        fresh = Engine(model, backend=backend, budget=budget, max_flops=cap, budget_table=table)
+        assert derived._impl is base._impl  # one backend: weights, packs, kernels
+        assert (derived.budget, derived.penalty) == (fresh.budget, fresh.penalty)
+        assert torch.equal(derived.route(seqs), fresh.route(seqs))
+        torch.testing.assert_close(derived.score(seqs), fresh.score(seqs), rtol=0, atol=0)
+        assert derived.last_plan.histogram == fresh.last_plan.histogram
+    assert base.penalty is None and base.budget is None
+    with pytest.raises(BudgetError, match="needs a calibration table"):
+        Engine(model, backend=backend).with_budget(0.3)
+
+
+def test_recommender_with_budget_shares_the_engine_backend():
+    from canet.data import Vocab
+    from canet.recommender import Recommender
+
+    model = make_model(space=SPACE, seed=6)
+    vocab = Vocab(["u"], [f"i{n}" for n in range(1, NUM_ITEMS + 1)])
+    base = Recommender(model, vocab, backend="torch")
+    model.budget_table = small_table()
+    try:
+        cheap = base.with_budget(0.2)
+        histories = [[f"i{n}" for n in range(1 + u, 6 + u)] for u in range(7)]
+        want = Recommender(model, vocab, backend="torch", budget=0.2).recommend(histories)
+        assert cheap.recommend(histories) == want
+        assert cheap.engine._impl is base.engine._impl and base.engine.budget is None
+        fixed = Recommender(model, vocab, backend="torch", fixed_config_id=3)
+        with pytest.raises(BudgetError):
+            fixed.with_budget(0.2)
+    finally:
+        model.budget_table = None
+
+
 def test_engine_max_flops_alone_needs_no_table():
     model = make_model(space=SPACE, seed=7)
     seqs = batch(37, seed=5)

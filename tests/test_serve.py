@@ -461,6 +461,28 @@ def test_serve_without_the_extra_names_the_package(run_dir, capsys, monkeypatch)
                        "installed: pip install 'canet[serve]'")
 
 
+def test_serve_refuses_a_bad_shutdown_timeout(run_dir, capsys) -> None:
+    assert cli_fails(capsys, ["serve", str(run_dir), "--shutdown-timeout", "-1"]) == (
+        "canet: error: --shutdown-timeout must be a finite number of seconds >= 0, got -1")
+
+
+def test_run_server_passes_the_shutdown_timeout_to_uvicorn(rec, monkeypatch) -> None:
+    import uvicorn
+
+    from canet.serve import bind, run_server
+
+    seen = []
+
+    def run(self, sockets=None):  # records what uvicorn would run with, serves nothing
+        seen.append(self.config.timeout_graceful_shutdown)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    app = create_app(rec, warmup=False)
+    assert run_server(app, bind("127.0.0.1", 0), "warning", shutdown_timeout=2.5) is False
+    assert run_server(app, bind("127.0.0.1", 0), "warning") is False
+    assert seen == [2.5, None]
+
+
 def test_serve_refuses_a_bad_port(run_dir, capsys) -> None:
     assert "--port must be in [0, 65535]" in cli_fails(
         capsys, ["serve", str(run_dir), "--port", "70000", "--no-request-log"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from ..errors import CanetError
@@ -44,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="users per request at most (default 1024)")
     parser.add_argument("--max-body-bytes", type=int, default=4 << 20,
                         help="request body size limit in bytes (default 4 MiB)")
+    parser.add_argument("--shutdown-timeout", type=float, default=None, metavar="S",
+                        help="on SIGTERM/SIGINT, wait at most S seconds for open requests, "
+                        "then cancel them (default: wait for every accepted request)")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                         help="log level (default info: one line per request)")
     parser.add_argument("--no-request-log", action="store_true",
@@ -65,6 +69,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise CanetError(f"serve: unknown arguments {extra}")
     check_extra()
+    if args.shutdown_timeout is not None and not (
+        math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0
+    ):
+        raise CanetError(f"--shutdown-timeout must be a finite number of seconds >= 0, got "
+                         f"{args.shutdown_timeout:g}")
     from ..recommender import Recommender
     from ..serve import bind, create_app, run_server
 
@@ -93,6 +102,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"canet serve: listening on http://{shown}:{port} (backend {recommender.backend}, "
           f"max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms)", flush=True)
-    if not run_server(app, sock, args.log_level):
+    if not run_server(app, sock, args.log_level, args.shutdown_timeout):
         raise CanetError("the server did not start (see the log above)")
     return 0
