@@ -21,7 +21,6 @@ from ..model import CANet
 
 __all__ = [
     "DTYPE_ATOL",
-    "ORT_EQUAL_FLOPS",
     "ORT_LARGEST",
     "MAX_REL_ERROR",
     "ScoreCheck",
@@ -49,9 +48,8 @@ DTYPE_ATOL: dict[torch.dtype, float] = {
 }
 
 
-# The ONNX Runtime baseline's methods (canet.bench.onnx_baseline): the fixed sub-network of the
-# routed batch's FLOPs (interpolated between the two nearest configs) and the largest config.
-ORT_EQUAL_FLOPS = "ort_equal_flops"
+# The ONNX Runtime baseline's largest config (canet.bench.onnx_baseline); its fixed sub-network
+# of equal FLOPs is compared with in measure.py, from timings interleaved with the engines'.
 ORT_LARGEST = "ort_largest"
 
 
@@ -84,8 +82,9 @@ def case_metrics(
 
     Returns ``{"ideal_speedup", "flops_fraction", "backends": {name: {...}}}``; a backend entry
     holds ``speedup_vs_largest``, ``efficiency``, ``speedup_vs_dense``, ``speedup_vs_masked``,
-    ``speedup_vs_supernet_routed``, ``speedup_vs_ort_equal_flops`` and
-    ``speedup_vs_ort_largest`` for whichever of their inputs were measured.
+    ``speedup_vs_supernet_routed`` and ``speedup_vs_ort_largest`` for whichever of their
+    inputs were measured (``speedup_vs_ort_equal_flops`` is added by the ``ort`` baseline's
+    interleaved timing, :func:`canet.bench.run`).
     """
     ideal = ideal_speedup(flops_largest, flops_routed)
     per_backend = {}
@@ -101,7 +100,6 @@ def case_metrics(
             ("speedup_vs_dense", "supernet_dense"),
             ("speedup_vs_masked", "masked"),
             ("speedup_vs_supernet_routed", "supernet_routed"),
-            ("speedup_vs_ort_equal_flops", ORT_EQUAL_FLOPS),
             ("speedup_vs_ort_largest", ORT_LARGEST),
         ):
             if baseline in seconds:

@@ -68,7 +68,7 @@ def run(
     def ort_case(seqs, flops_fraction: float, routed: dict[str, Callable[[], object]]) -> dict:
         """ONNX Runtime at the two configs nearest in FLOPs, timed interleaved with the
         engines' routed calls (a ratio of back-to-back medians would carry the machine's
-        drift), and ONNX Runtime's largest config."""
+        drift); the record of ``case["ort"]``."""
         batch = seqs.shape[0]
         lower, upper, weight = bracket(fractions, flops_fraction)
         calls = {f"ort config {c}": ort.call(c, seqs) for c in dict.fromkeys((lower, upper))}

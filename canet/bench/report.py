@@ -28,6 +28,7 @@ __all__ = [
     "Interrupted",
     "error_text",
     "format_table",
+    "last_line",
     "format_targets",
     "machine_info",
     "markdown",
@@ -263,6 +264,14 @@ def write_plots(report: Mapping, directory: Path) -> list[Path]:
 
 
 # -- result files ------------------------------------------------------------------------------
+def last_line(path: Path) -> str:
+    """The last non-empty line of a child process's log (its exception's one-line message),
+    cut to 500 characters, for an error that says why the child failed."""
+    lines = [line.strip() for line in Path(path).read_text(errors="replace").splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1][:500] if lines else "it printed nothing"
+
+
 def write_json_and_markdown(
     json_path: str | os.PathLike[str],
     data: object,

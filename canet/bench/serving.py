@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from .report import last_line
 from .workload import (
     DEFAULT_SEED,
     NUM_ITEMS,
@@ -166,9 +167,7 @@ def start_server(spec: dict[str, Any], log: Path, timeout_s: float = START_TIMEO
             process.kill()
             process.wait()
             why = "did not start" if left > 0 else f"did not listen within {timeout_s:.0f} s"
-            lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
-            raise RuntimeError(f"the benchmark server {why}: "
-                               f"{lines[-1] if lines else 'it printed nothing'}")
+            raise RuntimeError(f"the benchmark server {why}: {last_line(log)}")
         if select.select([process.stdout], [], [], min(left, 0.2))[0]:
             chunk = os.read(process.stdout.fileno(), 256)
             line += chunk
@@ -185,15 +184,13 @@ def start_server(spec: dict[str, Any], log: Path, timeout_s: float = START_TIMEO
 async def _wait_ready(server: Server, deadline: float) -> None:
     while True:
         if server.process.poll() is not None:
-            lines = [x for x in server.log.read_text(errors="replace").splitlines() if x.strip()]
             raise RuntimeError("the benchmark server stopped during its start-up: "
-                               f"{lines[-1] if lines else 'it printed nothing'}")
+                               f"{last_line(server.log)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError("the benchmark server did not become ready in time")
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the benchmark server did not become ready within "
-                                   f"{START_TIMEOUT_S:.0f} s") from None
             await asyncio.sleep(0.1)
             continue
         try:

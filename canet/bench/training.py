@@ -57,6 +57,7 @@ from ..errors import ConfigError
 from ..flops import flops
 from ..space import RoutingSpace
 from ..train import time_training
+from .report import last_line
 from .timing import time_repeats
 from .workload import DTYPES
 
@@ -402,7 +403,7 @@ def _run_ranks(nproc: int, job: dict[str, Any], timeout_s: float) -> dict[str, A
                     rank = failed[0]
                     raise distributed.DistributedError(
                         f"rank {rank} of the {nproc}-process training run failed (exit status "
-                        f"{codes[rank]}): {_last_line(folder / f'rank{rank}.log')}"
+                        f"{codes[rank]}): {last_line(folder / f'rank{rank}.log')}"
                     )
                 if all(code == 0 for code in codes):
                     break
@@ -423,13 +424,6 @@ def _run_ranks(nproc: int, job: dict[str, Any], timeout_s: float) -> dict[str, A
             raise distributed.DistributedError(
                 f"rank 0 of the {nproc}-process training run left no result ({error})"
             ) from None
-
-
-def _last_line(path: Path) -> str:
-    """The last non-empty line a rank printed: its exception's one-line message."""
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
-    lines = [line for line in lines if line]
-    return lines[-1][:500] if lines else "it printed nothing"
 
 
 def _rank_main(folder: str) -> None:

@@ -1,13 +1,14 @@
 """``canet serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--backend auto] [--max-batch-size 256]
-[--max-wait-ms 5] [--max-queue 4096] [--budget B]``.
+[--max-wait-ms 5] [--max-queue 4096] [--budget B] [--shutdown-timeout S]``.
 
 Serves the run's recommendations over HTTP (:func:`canet.serve.create_app`) with uvicorn. The
 socket is bound here (``--port 0`` picks a free port) and the line ``canet serve: listening on
 http://HOST:PORT`` is printed once it is. SIGTERM or SIGINT: uvicorn stops accepting
-connections and waits for the accepted requests, the batcher runs every queued user, and the
-command exits 0. Needs the optional extra ``pip install 'canet[serve]'`` (Starlette, uvicorn,
-prometheus_client); without it the command fails with one line naming the missing package.
-uvicorn and Starlette are imported only by :func:`run`, so ``canet --help`` never needs them.
+connections and waits for the accepted requests (at most ``--shutdown-timeout`` seconds when
+given), the batcher runs every queued user, and the command exits 0. Needs the optional extra
+``pip install 'canet[serve]'`` (Starlette, uvicorn, prometheus_client); without it the command
+fails with one line naming the missing package. uvicorn and Starlette are imported only by
+:func:`run` (through :func:`canet.serve.run_server`), so ``canet --help`` never needs them.
 """
 
 from __future__ import annotations
