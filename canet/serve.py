@@ -2,7 +2,8 @@
 
     rec = canet.Recommender.from_pretrained("runs/ml100k")
     app = canet.serve.create_app(rec, max_batch_size=256, max_wait_ms=5)
-    # uvicorn.run(app), or `canet serve runs/ml100k` (canet.cli.serve)
+    canet.serve.run_server(app, canet.serve.bind("127.0.0.1", 8000))  # or any ASGI server
+    # the same as `canet serve runs/ml100k` (canet.cli.serve)
 
 Concurrent requests are micro-batched: an asyncio collector takes waiting users into a batch
 until it holds ``max_batch_size`` users or the oldest waiting user has waited ``max_wait_ms``,
@@ -15,9 +16,9 @@ unbatched call, and scores are bit for bit those of a call on the same batch (th
 GEMMs may round the last float bit differently when a user shares a group with other users).
 
 The serving dependencies (Starlette, prometheus_client; uvicorn for the command) are the
-optional extra ``pip install 'canet[serve]'``, imported only inside :func:`create_app`, so
-``import canet`` (and ``import canet.serve``) never loads them. docs/serving.md describes the
-API, the metrics and the knobs.
+optional extra ``pip install 'canet[serve]'``, imported only inside :func:`create_app` and
+:func:`run_server`, so ``import canet`` (and ``import canet.serve``) never loads them.
+docs/serving.md describes the API, the metrics and the knobs.
 """
 
 from __future__ import annotations
@@ -45,9 +46,8 @@ from .errors import CanetError
 from .ops import SCORE_TOPK_MAX_K
 from .recommender import Recommender
 
-__all__ = ["create_app", "bind", "run_server", "Batcher", "ClientError", "QueueFull",
-           "MISSING_EXTRA_HINT",
-           "REQUIRED_PACKAGES", "missing_package"]
+__all__ = ["create_app", "bind", "run_server", "missing_package", "Batcher", "ClientError",
+           "QueueFull", "MISSING_EXTRA_HINT", "REQUIRED_PACKAGES"]
 
 logger = logging.getLogger("canet.serve")
 
@@ -142,6 +142,9 @@ class Batcher:
         self._waiting_by_key: collections.Counter = collections.Counter()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        # When the inference thread last finished a batch (loop time): users who arrived
+        # before it waited behind a busy thread, and their batch starts without more waiting.
+        self._free_since = -math.inf
         self._executor: ThreadPoolExecutor | None = None
 
     @property
@@ -204,47 +207,83 @@ class Batcher:
 
     async def _batches(self) -> None:
         loop = asyncio.get_running_loop()
+        running: tuple[list[Slice], asyncio.Future, float] | None = None
         while True:
-            self._drop_finished()
-            if not self._pending:
-                if self.closing:
+            if running is None:
+                batch = await self._next_batch(loop)
+                if batch is None:
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            head = self._pending[0]
-            deadline = head.enqueued + self.max_wait
-            # Wait for a full batch of the head's key or for the head's deadline (not when
-            # draining at shutdown: what is accepted runs at once).
-            while not self.closing and self._waiting_by_key[head.key] < self.max_batch_size:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            batch = self._in_flight = self._take(head.key)
-            if not batch:
-                continue
-            started = time.perf_counter()
+                if not batch:
+                    continue
+                running = self._start(loop, batch)
+            batch, future, started = running
             try:
-                results = await loop.run_in_executor(self._executor, self.run_batch, batch)
+                results = await future
             except Exception as error:  # the model failed: every request of the batch gets it
                 for job, _, _ in batch:
                     if not job.future.done():
                         job.future.set_exception(error)
                 self._in_flight = []
+                self._free_since = loop.time()
+                running = None
                 continue
+            seconds = time.perf_counter() - started
+            self._free_since = loop.time()
+            # Start the next batch before delivering this one when its users are ready to go:
+            # the event loop's delivery work (JSON, sockets) then overlaps the next batch's
+            # inference instead of leaving the inference thread idle.
+            running = None
+            self._drop_finished()
+            if self._pending and self._ready(self._pending[0], loop):
+                taken = self._take(self._pending[0].key)
+                if taken:
+                    running = self._start(loop, taken)
             self.batches += 1
             if self.on_batch is not None:
                 try:
-                    self.on_batch(batch, results, time.perf_counter() - started)
+                    self.on_batch(batch, results, seconds)
                 except Exception:  # metrics must never lose an answer
                     logger.exception("canet.serve: recording the metrics of a batch failed")
             self._deliver(batch, results)
-            self._in_flight = []
+            if running is None:
+                self._in_flight = []
+
+    def _ready(self, head: Job, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether the head's batch goes now: the batch is full, the server is draining, or
+        the head arrived while the thread was busy (under load the next batch fills while the
+        thread runs the current one; waiting longer would only idle it)."""
+        return (self.closing or self._waiting_by_key[head.key] >= self.max_batch_size
+                or head.enqueued <= self._free_since)
+
+    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[Slice] | None:
+        """The next batch once it should go (None: closing with nothing left; [] : look
+        again). After an idle spell the head waits up to max_wait for company."""
+        self._drop_finished()
+        if not self._pending:
+            if self.closing:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+            return []
+        head = self._pending[0]
+        deadline = head.enqueued + self.max_wait
+        while not self._ready(head, loop):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        return self._take(head.key)
+
+    def _start(self, loop: asyncio.AbstractEventLoop,
+               batch: list[Slice]) -> tuple[list[Slice], asyncio.Future, float]:
+        """Hand ``batch`` to the inference thread; it is in flight until delivered."""
+        self._in_flight = batch
+        return batch, loop.run_in_executor(self._executor, self.run_batch, batch), \
+            time.perf_counter()
 
     def _drop_finished(self) -> None:
         # A job whose future is done (an earlier part failed, the client went away) needs no
@@ -600,7 +639,6 @@ def missing_package() -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------
 def bind(host: str, port: int) -> socket.socket:
     """A listening-ready TCP socket bound to ``host:port`` (port 0: a free port); CanetError
     (with the flag names of ``canet serve``) when it cannot be."""
@@ -621,7 +659,6 @@ def bind(host: str, port: int) -> socket.socket:
         raise CanetError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
     sock.set_inheritable(True)
     return sock
-
 
 
 def run_server(app, sock: socket.socket, log_level: str = "info",

@@ -518,7 +518,8 @@ def test_canet_bench_serve_flags_are_checked(capsys) -> None:
         (["--clients", "3"], "--clients apply to --serve only"),
         (["--serve", "--train"], "--serve and --train are separate benchmarks"),
         (["--serve", "--batch", "1"], "--batch do not apply to --serve"),
-        (["--serve", "--clients", "0"], "--clients, --requests and --max-batch-size must be"),
+        (["--serve", "--clients", "0"], "--clients, --requests, --max-batch-size and --rounds"),
+        (["--serve", "--requests", "2"], "--requests (2) must be at least --rounds (3)"),
     ):
         with pytest.raises(SystemExit):
             bench.main(argv)

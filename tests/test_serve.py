@@ -326,6 +326,54 @@ def test_queue_full_is_503_with_retry_after(rec, tokens) -> None:
     assert len(second.json()["results"]) == 4 and batcher.waiting_users == 0
 
 
+def test_users_who_waited_behind_a_busy_thread_do_not_wait_max_wait_again(rec, tokens) -> None:
+    # max_wait 10 s: a request arriving at an idle server waits for company (here: until a
+    # second request fills the batch); one arriving while a batch runs goes as soon as the
+    # thread is free, not 10 s later.
+    app = create_app(rec, max_batch_size=2, max_wait_ms=10_000, warmup=False)
+    batcher = app.state.service.batcher
+    entered, gate = threading.Event(), threading.Event()
+    run_batch = batcher.run_batch
+    sizes: list[int] = []
+
+    def paused(batch):
+        sizes.append(sum(end - first for _, first, end in batch))
+        if len(sizes) == 1:
+            entered.set()
+            assert gate.wait(30)
+        return run_batch(batch)
+
+    batcher.run_batch = paused
+
+    async def main():
+        async with serving(app) as client:
+            post = client.post
+            body = {"histories": histories_of(tokens, 1, 0)}
+            first = asyncio.create_task(post("/v1/recommend", json=body))
+            await asyncio.sleep(0.2)
+            assert not entered.is_set()  # idle server: the lone user waits for company
+            second = asyncio.create_task(post("/v1/recommend", json=body))
+            for _ in range(3000):
+                if entered.is_set():
+                    break
+                await asyncio.sleep(0.001)
+            assert entered.is_set()  # the batch filled (2 users) and runs
+            third = asyncio.create_task(post("/v1/recommend", json=body))
+            await asyncio.sleep(0.05)  # queued behind the running batch
+            started = time.perf_counter()
+            gate.set()
+            answers = await asyncio.gather(first, second, third)
+            return answers, time.perf_counter() - started
+
+    try:
+        answers, seconds = asyncio.run(main())
+    finally:
+        gate.set()
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert sizes == [2, 1]
+    assert seconds < 5  # not the 10 s max_wait
+
+
 def test_readyz_is_false_until_the_warm_up_is_done(rec, tokens) -> None:
     app = create_app(rec)
     service = app.state.service

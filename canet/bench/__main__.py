@@ -61,7 +61,7 @@ __all__ = ["main"]
 INFERENCE_ONLY = ("--batch", "--mix", "--backends", "--baselines", "--plot", "--quick",
                   "--seq-len")
 SERVE_ONLY = ("--clients", "--requests", "--cases", "--backend", "--max-batch-size",
-              "--max-wait-ms", "--phase-timeout")
+              "--max-wait-ms", "--phase-timeout", "--rounds")
 
 
 def default_out(name: str) -> Path:
@@ -177,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="the batched cases' max wait (default: %(default)s)")
     serve.add_argument("--phase-timeout", type=float, default=300.0, metavar="S",
                        help="each load phase stops after S seconds (default: %(default)s)")
+    serve.add_argument("--rounds", type=int, default=3,
+                       help="interleaved rounds the measured requests of the cases are split "
+                            "into (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN,
                         help="sequence length L (default: %(default)s; change only to test)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of model and inputs")
@@ -357,8 +360,10 @@ def _main_train_nproc(
 
 def _main_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``canet bench --serve``: the load test of ``canet serve``, JSON + Markdown."""
-    if args.clients < 1 or args.requests < 1 or args.max_batch_size < 1:
-        parser.error("--clients, --requests and --max-batch-size must be >= 1")
+    if args.clients < 1 or args.requests < 1 or args.max_batch_size < 1 or args.rounds < 1:
+        parser.error("--clients, --requests, --max-batch-size and --rounds must be >= 1")
+    if args.requests < args.rounds:
+        parser.error(f"--requests ({args.requests}) must be at least --rounds ({args.rounds})")
     if not args.max_wait_ms >= 0 or not args.phase_timeout > 0:
         parser.error("--max-wait-ms must be >= 0 and --phase-timeout > 0")
     missing = missing_package()
@@ -373,7 +378,7 @@ def _main_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             backend=args.backend, max_batch_size=args.max_batch_size,
             max_wait_ms=args.max_wait_ms, num_items=args.items or NUM_ITEMS,
             seq_len=args.seq_len, seed=args.seed, cases=tuple(args.cases),
-            timeout_s=args.phase_timeout,
+            timeout_s=args.phase_timeout, rounds=args.rounds,
             log=lambda message: print(message, file=sys.stderr, flush=True),
         )
     except RuntimeError as error:  # the server failed to start or answered no request

@@ -5,7 +5,9 @@ Each case starts a server in a fresh interpreter (:func:`serve_main`: the benchm
 :func:`~canet.bench.workload.route_like`, served by :func:`canet.serve.create_app` on uvicorn,
 port chosen by the OS) and drives it with ``clients`` concurrent connections, each sending one
 single-user request and waiting for its answer before the next (closed loop), for a fixed number
-of requests after a warm-up phase, every phase bounded in time. Cases:
+of requests after a warm-up phase, every phase bounded in time. The servers of the cases run
+side by side and their measured requests go in interleaved rounds (:func:`measure_serving`).
+Cases:
 
 * ``batched``   -- micro-batching on (``max_batch_size`` users, ``max_wait_ms``), the router
   decides;
@@ -209,6 +211,12 @@ class LoadResult:
     def __init__(self, latencies: list[float], seconds: float, errors: list[str]) -> None:
         self.latencies, self.seconds, self.errors = latencies, seconds, errors
 
+    def extend(self, other: LoadResult) -> None:
+        """Pool ``other`` (a later phase against the same server) into this one."""
+        self.latencies += other.latencies
+        self.seconds += other.seconds
+        self.errors += other.errors
+
     @property
     def users_per_s(self) -> float:
         return len(self.latencies) / self.seconds
@@ -330,34 +338,56 @@ def measure_serving(
     seed: int = DEFAULT_SEED,
     cases: tuple[str, ...] = SERVE_CASES,
     timeout_s: float = 300.0,
+    rounds: int = 3,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Every case of :data:`SERVE_CASES` in ``cases``, one fresh server each; the report."""
+    """Every case of :data:`SERVE_CASES` in ``cases``, one fresh server each; the report.
+
+    The servers run side by side (an idle one costs memory only) and the measured requests
+    are sent in ``rounds`` interleaved rounds (case after case, ``requests / rounds`` each,
+    pooled per case): the ratios of the targets are then not skewed by the machine getting
+    busier or quieter between two cases measured one after the other."""
     warmup = 2 * clients if warmup is None else warmup
     bodies = request_bodies(max(clients * 4, 256), num_items, seq_len, seed)
+    shares = [requests // rounds + (i < requests % rounds) for i in range(rounds)]
     results: dict[str, dict[str, Any]] = {}
+    servers: dict[str, Server] = {}
+    specs = {case: server_spec(case, num_items=num_items, seq_len=seq_len, seed=seed,
+                               threads=threads, backend=backend, max_batch_size=max_batch_size,
+                               max_wait_ms=max_wait_ms, max_queue=max(4096, clients))
+             for case in cases}
     with tempfile.TemporaryDirectory(prefix="canet-bench-serve-") as folder:
-        for case in cases:
-            spec = server_spec(case, num_items=num_items, seq_len=seq_len, seed=seed,
-                               threads=threads, backend=backend,
-                               max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                               max_queue=max(4096, clients))
-            server = start_server(spec, Path(folder) / f"{case}.log")
-            try:
-                load, counters = drive(server.port, bodies, clients, requests, warmup,
-                                       timeout_s)
-            finally:
+        try:
+            for case in cases:
+                servers[case] = start_server(specs[case], Path(folder) / f"{case}.log")
+            for case in cases:
+                drive(servers[case].port, bodies, clients, warmup, 0, timeout_s)
+            loads = {case: LoadResult([], 0.0, []) for case in cases}
+            counters: dict[str, dict[str, float]] = {case: {} for case in cases}
+            for share in shares:
+                for case in cases:
+                    load, delta = drive(servers[case].port, bodies, clients, share, 0,
+                                        timeout_s)
+                    loads[case].extend(load)
+                    for name, value in delta.items():
+                        counters[case][name] = counters[case].get(name, 0.0) + value
+        finally:
+            for server in servers.values():
                 server.stop()
-            if not load.latencies:
-                raise RuntimeError(f"{case}: no request succeeded: {load.errors[:1]}")
-            results[case] = case_row(load, counters, server.backend, spec["max_batch_size"])
-            row = results[case]
-            log(f"  {case:<10} {row['users_per_s']:8.0f} users/s  p50 {row['p50_ms']:7.2f} ms  "
-                f"p99 {row['p99_ms']:7.2f} ms  mean batch {row['mean_batch'] or 0:6.1f}  "
-                f"FLOPs {row['flops_fraction'] or 0:.3f}  inference "
-                f"{row['inference_ms_per_user'] or 0:.2f} ms/user  errors {row['errors']}")
+    for case in cases:
+        load = loads[case]
+        if not load.latencies:
+            raise RuntimeError(f"{case}: no request succeeded: {load.errors[:1]}")
+        results[case] = case_row(load, counters[case], servers[case].backend,
+                                 specs[case]["max_batch_size"])
+        row = results[case]
+        log(f"  {case:<10} {row['users_per_s']:8.0f} users/s  p50 {row['p50_ms']:7.2f} ms  "
+            f"p99 {row['p99_ms']:7.2f} ms  mean batch {row['mean_batch'] or 0:6.1f}  "
+            f"FLOPs {row['flops_fraction'] or 0:.3f}  inference "
+            f"{row['inference_ms_per_user'] or 0:.2f} ms/user  errors {row['errors']}")
     return {
         "settings": {"clients": clients, "requests": requests, "warmup": warmup,
+                     "rounds": rounds,
                      "threads": threads or torch.get_num_threads(), "backend": backend,
                      "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
                      "num_items": num_items, "seq_len": seq_len, "seed": seed,
@@ -421,7 +451,8 @@ def serving_markdown(report: dict[str, Any], machine: dict[str, Any]) -> str:
         f"threads in the server)",
         "",
         f"{s['clients']} closed-loop clients of 1 user each, {s['requests']} measured requests "
-        f"after {s['warmup']} warm-up ones, N={s['num_items']}, L={s['seq_len']}, paper "
+        f"per case in {s.get('rounds', 1)} interleaved rounds after {s['warmup']} warm-up ones, "
+        f"N={s['num_items']}, L={s['seq_len']}, paper "
         f"routing space, {s['mix']}; batching: max batch {s['max_batch_size']}, max wait "
         f"{s['max_wait_ms']:g} ms.",
         "",
