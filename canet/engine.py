@@ -228,7 +228,9 @@ class Engine:
     def with_budget(self, budget: float | None = None, max_flops: float | None = None) -> Engine:
         """This engine under another serve-time ``budget`` / ``max_flops`` (as the constructor
         takes them): a new Engine that shares this one's backend, so its weights, packed
-        copies and compiled kernels, already warm, are not built a second time."""
+        copies and compiled kernels, already warm, are not built a second time. The two share
+        the backend's workspaces too: like one Engine, call them from one thread at a time
+        (``canet serve`` runs every batch on its one inference thread)."""
         penalty = routing_penalty(self._model, budget, max_flops, table=self._budget_table)
         other = copy.copy(self)
         other.penalty = penalty
