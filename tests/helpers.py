@@ -127,6 +127,14 @@ def write_csv_log(path: Path, users: int = 40, items: int = 20, seed: int = 0) -
     return path
 
 
+def train_tiny_run(data: Path, out: Path) -> Path:
+    """``canet train --data data --out out`` with :data:`TINY_ARGS` (must succeed); ``out``."""
+    from canet import cli
+
+    assert cli.main(["train", "--data", str(data), "--out", str(out), *TINY_ARGS]) == 0
+    return out
+
+
 def cli_fails(capsys, argv) -> str:
     """Run ``canet argv`` in process; it must fail as every user error does: exit status 2,
     one stderr line ``canet: error: ...``, no traceback. Returns that line."""

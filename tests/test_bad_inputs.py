@@ -10,13 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_ARGS, train_tiny_run, write_csv_log  # tests/ is on sys.path
 
 from canet import cli
-from canet.data import synthetic_log
-
-TINY_ARGS = ["--max-len", "8", "--depths=[1,2]", "--hidden=[8,16]", "--emb=[8,16]",
-             "--heads", "2", "--router-dim", "8", "--router-heads", "2", "--epochs", "1",
-             "--batch-size", "32", "--progress", "false", "--threads", "1"]
 
 
 def _alias_bomb() -> str:
@@ -163,13 +159,8 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_inputs")
-    log = synthetic_log(40, 20, 0, seq_len=(5, 12))
-    data = root / "log.csv"
-    data.write_text("user_id,item_id,timestamp\n" + "".join(
-        f"{u},{i},{int(t)}\n" for u, i, t in zip(log.users, log.items, log.timestamps,
-                                                  strict=True)))
-    run = root / "run"
-    assert cli.main(["train", "--data", str(data), "--out", str(run), *TINY_ARGS]) == 0
+    data = write_csv_log(root / "log.csv")  # 40 users, 20 items, seed 0, lengths 5..12
+    run = train_tiny_run(data, root / "run")
     ranks = root / "ranks.csv"
     assert cli.main(["evaluate", str(run), "--data", str(data), "--output",
                      str(root / "m.json"), "--ranks-out", str(ranks)]) == 0

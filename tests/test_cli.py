@@ -17,6 +17,7 @@ import pytest
 from helpers import (
     TINY_ARGS,
     cli_fails,  # tests/ is on sys.path
+    train_tiny_run,
 )
 from helpers import write_csv_log as _write_log
 
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     data = _write_log(root / "log.csv")
-    assert cli.main(["train", "--data", str(data), "--out", str(root / "run"), *TINY_ARGS]) == 0
+    train_tiny_run(data, root / "run")
     return root, data
 
 
@@ -104,8 +105,7 @@ def test_bad_checkpoints(trained, tmp_path, capsys) -> None:
     assert f"{broken / 'vocab.json'}: missing" in message
     # A model.safetensors from another model dropped into this checkpoint.
     other_log = _write_log(tmp_path / "other.csv", users=30, items=25, seed=5)
-    assert cli.main(["train", "--data", str(other_log), "--out", str(tmp_path / "other"),
-                     *TINY_ARGS]) == 0
+    train_tiny_run(other_log, tmp_path / "other")
     capsys.readouterr()
     mixed = tmp_path / "mixed"
     shutil.copytree(root / "run" / "best", mixed)

@@ -27,9 +27,8 @@ pytest.importorskip("prometheus_client",
                     reason="needs the serve extra: pip install 'canet[serve]'")
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the dev extra)")
 
-from helpers import TINY_ARGS, cli_fails, write_csv_log  # noqa: E402  (tests/ is on sys.path)
+from helpers import cli_fails, train_tiny_run, write_csv_log  # noqa: E402  (tests/ is on sys.path)
 
-from canet import cli  # noqa: E402
 from canet.recommender import Recommender  # noqa: E402
 from canet.serve import create_app  # noqa: E402
 
@@ -39,9 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    data = write_csv_log(root / "log.csv")
-    assert cli.main(["train", "--data", str(data), "--out", str(root / "run"), *TINY_ARGS]) == 0
-    return root / "run"
+    return train_tiny_run(write_csv_log(root / "log.csv"), root / "run")
 
 
 @pytest.fixture(scope="module")
